@@ -1,0 +1,110 @@
+"""The symbolic vocabulary shared by the analysis and the emitters.
+
+Per-token values are sympy expressions over real symbols. A vector value is an
+*elementwise* expression: the symbol `k` stands for every channel `k[i]` at once, so
+products of vectors are Hadamard products and commute, as in the spec language. Which
+symbols are vectors (and over which dim) is kept beside the expression, in a `Shapes`
+table; sympy never needs to know.
+
+Functions sympy lacks are declared here once, with their derivatives, so the same
+expression can be printed (canonical forms), differentiated (backward kernels) and
+emitted as code.
+"""
+from __future__ import annotations
+
+import sympy as sp
+
+
+class sigmoid(sp.Function):
+    def fdiff(self, argindex=1):
+        s = sigmoid(self.args[0])
+        return s * (1 - s)
+
+
+class logsigmoid(sp.Function):
+    def fdiff(self, argindex=1):
+        return sigmoid(-self.args[0])
+
+
+class softplus(sp.Function):
+    def fdiff(self, argindex=1):
+        return sigmoid(self.args[0])
+
+
+class relu(sp.Function):
+    def fdiff(self, argindex=1):
+        return sp.Heaviside(self.args[0], 0)
+
+
+class elu(sp.Function):
+    def fdiff(self, argindex=1):
+        x = self.args[0]
+        return sp.Piecewise((1, x > 0), (sp.exp(x), True))
+
+
+class silu(sp.Function):
+    def fdiff(self, argindex=1):
+        x = self.args[0]
+        s = sigmoid(x)
+        return s * (1 + x * (1 - s))
+
+
+class rsqrt(sp.Function):
+    def fdiff(self, argindex=1):
+        return -rsqrt(self.args[0]) ** 3 / 2
+
+
+# Vector-to-vector and vector-to-scalar functions. Their arguments are vector expressions;
+# they are opaque to sympy (derivatives are structural and handled by the emitters).
+class l2norm(sp.Function):
+    """x / sqrt(sum(x*x) + eps): a vector of the same dim."""
+
+
+class dot(sp.Function):
+    """sum_i x[i] * y[i]: a scalar."""
+
+
+class vsum(sp.Function):
+    """sum_i x[i]: a scalar."""
+
+
+ELEMENTWISE_SYMPY = {
+    "exp": sp.exp,
+    "log": sp.log,
+    "sqrt": sp.sqrt,
+    "abs": sp.Abs,
+    "tanh": sp.tanh,
+    "sigmoid": sigmoid,
+    "logsigmoid": logsigmoid,
+    "softplus": softplus,
+    "relu": relu,
+    "elu": elu,
+    "silu": silu,
+    "rsqrt": rsqrt,
+}
+
+SCALAR_REDUCTIONS = (dot, vsum)
+
+
+def symbol(name: str) -> sp.Symbol:
+    return sp.Symbol(name, real=True)
+
+
+def normalize(expr: sp.Expr) -> sp.Expr:
+    """One canonical representative of an algebraic value: expand products over sums,
+    then merge exponentials (`exp(a) * exp(b)` -> `exp(a + b)`)."""
+    return sp.powsimp(sp.expand(expr), combine="exp")
+
+
+def take_log(expr: sp.Expr) -> sp.Expr:
+    """log(expr), pushed through products, powers, exp and sigmoid so that gates land
+    in log space in their stable form (`log(sigmoid(f))` -> `logsigmoid(f)`)."""
+    if isinstance(expr, sp.Mul):
+        return sp.Add(*(take_log(f) for f in expr.args))
+    if isinstance(expr, sp.Pow):
+        return expr.exp * take_log(expr.base)
+    if isinstance(expr, sp.exp):
+        return expr.args[0]
+    if isinstance(expr, sigmoid):
+        return logsigmoid(expr.args[0])
+    return sp.log(expr)

@@ -1,0 +1,54 @@
+"""Every environment variable attnc reads, declared once, typed and documented.
+
+Read settings through `settings()` (re-read on each call, so tests may monkeypatch the
+environment); nothing else in attnc touches `os.environ` for its own knobs.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+# name -> (type, default, doc)
+KNOBS = {
+    "ATTNC_CACHE_DIR": (Path, None, "kernel and config cache (default: the user cache dir)"),
+    "ATTNC_DUMP_DIR": (Path, None, "also write every generated kernel source here"),
+    "ATTNC_INTERPRET": (bool, None, "run Triton kernels in the interpreter (default: TRITON_INTERPRET)"),
+    "ATTNC_AUTOTUNE": (str, "fast", "autotuning: off | fast | full"),
+    "ATTNC_LOG_LEVEL": (str, "WARNING", "logging level of the `attnc` logger"),
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    cache_dir: Path
+    dump_dir: Path | None
+    interpret: bool
+    autotune: str
+    log_level: str
+
+
+def _bool(text: str) -> bool:
+    return text.strip().lower() in ("1", "true", "yes", "on")
+
+
+def settings() -> Settings:
+    env = os.environ
+    cache = env.get("ATTNC_CACHE_DIR")
+    if not cache:
+        import platformdirs
+
+        cache = platformdirs.user_cache_dir("attnc")
+    interp = env.get("ATTNC_INTERPRET")
+    interpret = _bool(interp) if interp else _bool(env.get("TRITON_INTERPRET", "0"))
+    autotune = env.get("ATTNC_AUTOTUNE", "fast").strip().lower()
+    if autotune not in ("off", "fast", "full"):
+        raise ValueError(f"ATTNC_AUTOTUNE={autotune!r}: expected one of off, fast, full")
+    dump = env.get("ATTNC_DUMP_DIR")
+    return Settings(
+        cache_dir=Path(cache),
+        dump_dir=Path(dump) if dump else None,
+        interpret=interpret,
+        autotune=autotune,
+        log_level=env.get("ATTNC_LOG_LEVEL", "WARNING").upper(),
+    )

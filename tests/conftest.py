@@ -1,0 +1,19 @@
+"""Test setup: on a machine without a GPU, generated Triton kernels run in Triton's
+interpreter, which must be switched on before triton is first imported."""
+import os
+
+if not os.path.exists("/dev/nvidia0") and "TRITON_INTERPRET" not in os.environ:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU; none on this machine")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Every test gets its own kernel cache so tests never see each other's entries."""
+    monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path / "attnc-cache"))
+    torch.manual_seed(0)
