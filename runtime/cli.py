@@ -1,0 +1,97 @@
+"""The `attnc` command line."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from ..dsl.errors import SpecError
+
+
+def _cmd_check(args) -> int:
+    from .compiler import compile
+
+    failed = 0
+    reports = []
+    t0 = time.perf_counter()
+    for source in args.specs:
+        try:
+            op = compile(source)
+        except SpecError as err:
+            print(err, file=sys.stderr)
+            failed += 1
+            continue
+        except (OSError, ValueError) as err:
+            print(f"{source}: error: {err}", file=sys.stderr)
+            failed += 1
+            continue
+        a = op.analysis
+        if args.json:
+            reports.append({
+                "name": op.name,
+                "class": a.cls,
+                "states": [
+                    {"name": s.name, "shape": list(s.shape), "class": s.cls,
+                     "canonical": s.canonical, **({"reason": s.reason} if s.reason else {})}
+                    for s in a.states
+                ],
+                "inputs": [{"name": i.name, "shape": list(i.shape)} for i in op.spec.inputs],
+                "readouts": [r.canonical for r in a.readouts],
+            })
+            continue
+        print(f"{op.name}: {a.cls}")
+        for s in a.states:
+            print(f"  {s.canonical}    [{s.cls}]")
+            if s.cls in ("other", "dplr"):
+                why = s.reason or "no chunkwise kernel for dplr transitions yet"
+                print(f"  note: {op.name} is not chunk-parallel: {why}")
+        for r in a.readouts:
+            print(f"  {r.canonical}")
+    if args.json:
+        print(json.dumps(reports, indent=2))
+    if args.time:
+        print(f"checked {len(args.specs)} spec(s) in {time.perf_counter() - t0:.2f} s",
+              file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _cmd_show(args) -> int:
+    from .compiler import parse_spec
+    from ..dsl.printer import pretty
+
+    try:
+        print(pretty(parse_spec(args.spec)), end="")
+    except SpecError as err:
+        print(err, file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as err:
+        print(f"{args.spec}: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="attnc", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    check = sub.add_parser("check", help="parse, check and classify specs")
+    check.add_argument("specs", nargs="+", metavar="SPEC",
+                       help="a .attn file or the name of a shipped spec")
+    check.add_argument("--json", action="store_true", help="machine-readable report")
+    check.add_argument("--time", action="store_true", help="report the time taken")
+    check.set_defaults(run=_cmd_check)
+
+    show = sub.add_parser("show", help="print a spec's canonical text (pretty IR)")
+    show.add_argument("spec", metavar="SPEC")
+    show.set_defaults(run=_cmd_show)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

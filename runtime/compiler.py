@@ -1,0 +1,57 @@
+"""`attnc.compile`: the pipeline from spec text to a callable op, one named step each.
+
+    parse -> check -> analyse -> (plan -> emit -> load, per backend, on first call)
+"""
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+from ..codegen.analysis import Analysis, analyse
+from ..dsl import ir
+from ..dsl.parser import parse
+from .op import CompiledOp
+
+
+def read_spec(source: str | Path) -> tuple[str, str]:
+    """(text, filename) for a path, a shipped spec name, or spec text itself."""
+    if isinstance(source, Path):
+        return source.read_text(), str(source)
+    if "\n" not in source and source.strip() and not source.lstrip().startswith("attention"):
+        path = Path(source)
+        if path.suffix == ".attn" or path.exists():
+            if not path.exists():
+                raise FileNotFoundError(f"no spec file {source!r}")
+            return path.read_text(), str(path)
+        return shipped_spec_text(source), f"specs/{source}.attn"
+    return source, "<spec>"
+
+
+def shipped_specs() -> list[str]:
+    """Names of the specs that ship with attnc."""
+    folder = resources.files("attnc.specs")
+    return sorted(p.name[: -len(".attn")] for p in folder.iterdir() if p.name.endswith(".attn"))
+
+
+def shipped_spec_text(name: str) -> str:
+    names = shipped_specs()
+    if name not in names:
+        raise ValueError(f"no shipped spec named {name!r}; shipped specs: {', '.join(names)}")
+    return resources.files("attnc.specs").joinpath(f"{name}.attn").read_text()
+
+
+def parse_spec(source: str | Path) -> ir.Spec:
+    text, filename = read_spec(source)
+    return parse(text, filename)
+
+
+def compile(source: str | Path) -> CompiledOp:  # noqa: A001 - the public verb
+    """Compile a spec (a path, a shipped spec name, or `.attn` text) into an op."""
+    spec = parse_spec(source)          # parse + check (raises SpecError)
+    analysis: Analysis = analyse(spec)  # compose and classify each state
+    return CompiledOp(spec, analysis)
+
+
+def load(name: str) -> CompiledOp:
+    """Compile a spec shipped with attnc, e.g. `attnc.load("gla")`."""
+    return compile(name) if name in shipped_specs() else compile(shipped_spec_text(name))
