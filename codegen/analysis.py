@@ -563,7 +563,7 @@ def _classify(interp: _Interpreter, st: ir.State, value: MatVal, broken: str | N
             lowrank.append(t)
         else:
             masks.append(t)
-    diag = {k: v for k, v in diag.items() if v[0] != 0}
+    diag = {k: (_canonical_gate(l), r) for k, (l, r) in diag.items() if l != 0}
     transition = _transition_text(interp, st.name, diag.values(), lowrank, masks)
 
     if masks:
@@ -602,11 +602,23 @@ def _classify(interp: _Interpreter, st: ir.State, value: MatVal, broken: str | N
     if ratio is not None and interp.dim_of(ratio) is None:
         c, kappa = interp.split_scalar(x)
         beta = normalize(-ratio * c * c)
-        return StateForm(cls="delta", log_gate=normalize(take_log(l)),
+        log_gate = normalize(take_log(l))
+        gate = "" if l == 1 else f" @ diag({_s(l)})" if interp.dim_of(l) else f" * {_s(l)}"
+        common["transition"] = f"(I - {_s(beta)} * outer({_s(kappa)}, {_s(kappa)})){gate} @ {st.name}"
+        return StateForm(cls="delta", log_gate=log_gate,
                          gate_per_channel=interp.dim_of(l) is not None,
                          delta_key=kappa, delta_beta=beta, **common)
     return StateForm(cls="dplr", log_gate=None if l == 0 else normalize(take_log(l)),
                      gate_per_channel=interp.dim_of(l) is not None, dplr=(x, y), **common)
+
+
+def _canonical_gate(l: sp.Expr) -> sp.Expr:
+    """One form per decay: exp of its normalised log (`sigmoid(g) ** (1/16)` and
+    `exp(logsigmoid(g) / 16)` are the same gate), where the log is real."""
+    log = normalize(take_log(l))
+    if log.has(sp.I, sp.zoo, sp.nan) or log.has(sp.log):
+        return normalize(l)
+    return sp.exp(log)
 
 
 def _rank1(interp: _Interpreter, x: sp.Expr, y: sp.Expr) -> Rank1:
