@@ -71,6 +71,38 @@ def _cmd_show(args) -> int:
     return 0
 
 
+def _cmd_verify(args) -> int:
+    import torch
+
+    from ..codegen.plan import NoChunkForm
+    from .compiler import compile, shipped_specs
+    from .verify import verify
+
+    names = args.specs or shipped_specs()
+    shape = dict(B=1, T=37, H=2, K=16, V=32) if args.quick else dict(B=2, T=100, H=2, K=32, V=64)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    failed = 0
+    print(f"attnc verify: kernels vs the fp64 reference, shapes {shape}, device {device}")
+    for name in names:
+        try:
+            op = compile(name)
+        except SpecError as err:
+            print(err, file=sys.stderr)
+            failed += 1
+            continue
+        try:
+            result = verify(op, **shape, device=device, backend=args.backend)
+        except NoChunkForm:
+            print(f"  {op.name:16s} {op.cls:9s} no kernel for this class yet (reference only)")
+            continue
+        worst, err = result.worst
+        status = "ok" if result.ok else "FAIL"
+        print(f"  {op.name:16s} {op.cls:9s} {status:4s} worst rel. RMS {err:.2e} ({worst}); "
+              f"{len(result.errors)} quantities")
+        failed += not result.ok
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attnc", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -81,6 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="machine-readable report")
     check.add_argument("--time", action="store_true", help="report the time taken")
     check.set_defaults(run=_cmd_check)
+
+    verify = sub.add_parser("verify", help="compile specs and check the kernels against "
+                            "the fp64 reference (values, final states, all gradients)")
+    verify.add_argument("specs", nargs="*", metavar="SPEC", help="default: every shipped spec")
+    verify.add_argument("--quick", action="store_true", help="small shapes")
+    verify.add_argument("--backend", choices=("triton", "torch"), default=None,
+                        help="default: triton on a GPU or under TRITON_INTERPRET, else torch")
+    verify.set_defaults(run=_cmd_verify)
 
     show = sub.add_parser("show", help="print a spec's canonical text (pretty IR)")
     show.add_argument("spec", metavar="SPEC")
