@@ -141,7 +141,10 @@ class LinearReadout:
     @property
     def text(self) -> str:
         s = self.state if self.version == "t" else f"{self.state}_prev"
-        return f"({_s(self.query)} @ {s})"
+        query = _s(self.query)
+        if isinstance(self.query, sp.Add):
+            query = f"({query})"
+        return f"({query} @ {s})"
 
 
 @dataclass(frozen=True)
@@ -238,7 +241,7 @@ class _Interpreter:
 
     def split_scalar(self, e: sp.Expr) -> tuple[sp.Expr, sp.Expr]:
         """e = scalar_part * vector_part, factoring out every scalar factor."""
-        e = normalize(e)
+        e = sp.factor_terms(normalize(e))
         scalar, vector = [], []
         for f in sp.Mul.make_args(e):
             (vector if self.dim_of(f) is not None else scalar).append(f)
@@ -603,8 +606,13 @@ def _classify(interp: _Interpreter, st: ir.State, value: MatVal, broken: str | N
         c, kappa = interp.split_scalar(x)
         beta = normalize(-ratio * c * c)
         log_gate = normalize(take_log(l))
-        gate = "" if l == 1 else f" @ diag({_s(l)})" if interp.dim_of(l) else f" * {_s(l)}"
-        common["transition"] = f"(I - {_s(beta)} * outer({_s(kappa)}, {_s(kappa)})){gate} @ {st.name}"
+        householder = f"(I - {_s(beta)} * outer({_s(kappa)}, {_s(kappa)}))"
+        if l == 1:
+            common["transition"] = f"{householder} @ {st.name}"
+        elif interp.dim_of(l):
+            common["transition"] = f"{householder} @ diag({_s(l)}) @ {st.name}"
+        else:
+            common["transition"] = f"{_s(l)} * {householder} @ {st.name}"
         return StateForm(cls="delta", log_gate=log_gate,
                          gate_per_channel=interp.dim_of(l) is not None,
                          delta_key=kappa, delta_beta=beta, **common)
