@@ -39,28 +39,53 @@ def _as_tuple(x):
 
 def verify(op: CompiledOp, *, B: int = 2, T: int = 100, H: int = 2, K: int = 32, V: int = 32,
            dtype=torch.float32, device="cpu", backend: str | None = None, seed: int = 0,
+           initial_state: bool = True, final_state: bool = True,
+           seqlens: list[int] | None = None, heads: dict[str, int] | None = None,
+           arguments: dict[str, torch.Tensor] | None = None, chunk_size: int = 64,
            tolerance: float | None = None) -> Verification:
+    """Run `op` and its reference on the same fresh random data and compare.
+
+    `seqlens` packs that many sequences into one row (B = 1, cu_seqlens); `heads`
+    gives some inputs fewer heads (GQA/GVA); `arguments` overrides drawn tensors.
+    """
     gen = torch.Generator().manual_seed(seed)
     dims = {"K": K, "V": V}
     for d in op.spec.dims:
         dims.setdefault(d.name, 16)
+    cu_seqlens = None
+    if seqlens is not None:
+        B, T = 1, sum(seqlens)
+        cu_seqlens = torch.tensor([0, *torch.tensor(seqlens).cumsum(0).tolist()], device=device)
+    N = len(seqlens) if seqlens is not None else B
     args = random_arguments(op.analysis, B=B, T=T, H=H, dims=dims, dtype=dtype, device=device,
-                            generator=gen, requires_grad=True)
-    h0 = tuple(torch.randn(B, H, *(dims[d] for d in s.shape), generator=gen).to(device)
-               .requires_grad_() for s in op.spec.states)
-    init = h0[0] if len(h0) == 1 else h0
+                            generator=gen, heads=heads)
+    for name, value in (arguments or {}).items():
+        args[name] = value.to(device=device, dtype=dtype)
+    args = {n: t.detach().requires_grad_() for n, t in args.items()}
+    h0 = tuple(torch.randn(N, H, *(dims[d] for d in s.shape), generator=gen).to(device)
+               .requires_grad_() for s in op.spec.states) if initial_state else ()
 
-    out, ht = op(**args, initial_state=init, output_final_state=True, backend=backend)
+    def state_arg(states):
+        if not states:
+            return None
+        return states[0] if len(states) == 1 else states
+
+    out, ht = op(**args, initial_state=state_arg(h0), output_final_state=final_state,
+                 cu_seqlens=cu_seqlens, backend=backend, chunk_size=chunk_size)
     ref_args = {n: t.detach().double().requires_grad_() for n, t in args.items()}
     ref_h0 = tuple(s.detach().double().requires_grad_() for s in h0)
-    ref_out, ref_ht = op.reference(**ref_args, initial_state=ref_h0[0] if len(ref_h0) == 1
-                                   else ref_h0, output_final_state=True)
+    ref_out, ref_ht = op.reference(**ref_args, initial_state=state_arg(ref_h0),
+                                   output_final_state=final_state, cu_seqlens=cu_seqlens)
+    if not final_state and ht is not None:
+        raise AssertionError("a final state came back although none was asked for")
 
     errors: dict[str, float] = {}
-    got = _as_tuple(out) + _as_tuple(ht)
-    want = _as_tuple(ref_out) + _as_tuple(ref_ht)
-    names = list(op.spec.outputs) + [f"final {s.name}" for s in op.spec.states]
+    got = _as_tuple(out) + (_as_tuple(ht) if final_state else ())
+    want = _as_tuple(ref_out) + (_as_tuple(ref_ht) if final_state else ())
+    names = list(op.spec.outputs) + ([f"final {s.name}" for s in op.spec.states] if final_state else [])
     for name, a, e in zip(names, got, want):
+        if a.shape != e.shape:
+            raise AssertionError(f"{name}: shape {tuple(a.shape)}, reference {tuple(e.shape)}")
         errors[name] = rel_rms(a, e)
     cotangents = [torch.randn(e.shape, generator=gen, dtype=torch.float64) for e in want]
     leaves = list(args.values()) + list(h0)
@@ -70,12 +95,12 @@ def verify(op: CompiledOp, *, B: int = 2, T: int = 100, H: int = 2, K: int = 32,
                                 allow_unused=True)
     ref_grads = torch.autograd.grad(want, ref_leaves, [c.to(device) for c in cotangents],
                                     allow_unused=True)
-    leaf_names = list(args) + [f"initial {s.name}" for s in op.spec.states]
+    leaf_names = list(args) + [f"initial {s.name}" for s in op.spec.states][: len(h0)]
     for name, g, e in zip(leaf_names, grads, ref_grads):
         if e is None:
             continue
-        errors[f"d{name}" if not name.startswith("initial") else f"d({name})"] = (
-            float("inf") if g is None else rel_rms(g, e))
+        key = f"d({name})" if name.startswith("initial") else f"d{name}"
+        errors[key] = float("inf") if g is None else rel_rms(g, e)
     if tolerance is None:
         tolerance = 1e-4 if dtype == torch.float32 else 2e-2
     return Verification(op.name, errors, tolerance)
