@@ -103,6 +103,35 @@ def _cmd_verify(args) -> int:
     return 1 if failed else 0
 
 
+def _cmd_compile(args) -> int:
+    from pathlib import Path
+
+    from ..codegen.plan import NoChunkForm
+    from .compiler import compile
+
+    try:
+        op = compile(args.spec)
+        files = op.sources()
+    except SpecError as err:
+        print(err, file=sys.stderr)
+        return 1
+    except NoChunkForm as err:
+        print(f"{args.spec}: {err}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as err:
+        print(f"{args.spec}: error: {err}", file=sys.stderr)
+        return 1
+    if args.emit is None:
+        print(f"{op.name}: {op.cls}; generated {', '.join(files)} (use --emit DIR to write them)")
+        return 0
+    out = Path(args.emit)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, source in files.items():
+        (out / name).write_text(source)
+        print(out / name)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attnc", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -122,9 +151,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="default: triton on a GPU or under TRITON_INTERPRET, else torch")
     verify.set_defaults(run=_cmd_verify)
 
+    comp = sub.add_parser("compile", help="compile a spec; --emit DIR writes the generated sources")
+    comp.add_argument("spec", metavar="SPEC")
+    comp.add_argument("--emit", metavar="DIR", help="write the generated .py sources here")
+    comp.set_defaults(run=_cmd_compile)
+
     show = sub.add_parser("show", help="print a spec's canonical text (pretty IR)")
     show.add_argument("spec", metavar="SPEC")
     show.set_defaults(run=_cmd_show)
+    from .cache_cli import add_cache_commands
+
+    add_cache_commands(sub)
     return parser
 
 
