@@ -1,0 +1,238 @@
+"""Chunkwise kernels for the diagonal-transition family.
+
+    S_t = diag(exp(g_t)) S_{t-1} diag(exp(gv_t)) + k_t v_t^T,   o_t = q_t^T S_t  (or S_{t-1})
+
+`render(spec)` turns a `DiagKernelSpec` into the source of a Python module of Triton kernels
+and launchers (templates/chunk_diag.py.jinja); `chunk_diag_torch` is the same chunk algorithm
+in plain PyTorch, differentiable by autograd: the CPU path and a second oracle.
+The math is /work/shared/CHUNKFORMS.md, "Diagonal classes".
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+import torch
+
+GATE_KINDS = ("none", "scalar", "channel")
+
+# Rows of a secondary sub-chunk (per-channel gates); must match SUB_CHUNK in the template.
+SUB_CHUNK = 16
+
+_TEMPLATE_DIR = Path(__file__).parent / "templates"
+
+
+@dataclass(frozen=True)
+class DiagKernelSpec:
+    """Structure of one rendered module.
+
+    name: prefix of the kernel names (a Python identifier), e.g. "gla".
+    gate: the K-side log gate g: "none", "scalar" (one per token and head) or "channel".
+    vgate: whether a per-channel V-side log gate gv exists.
+    exclusive: read out before the update, o_t = q_t^T S_{t-1}.
+    """
+
+    name: str
+    gate: str = "none"
+    vgate: bool = False
+    exclusive: bool = False
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self) -> None:
+        if not self.name.isidentifier():
+            raise ValueError(f"DiagKernelSpec.name={self.name!r} is not a Python identifier; "
+                             "kernel names are built from it")
+        if self.gate not in GATE_KINDS:
+            raise ValueError(f"DiagKernelSpec.gate={self.gate!r}: expected one of {', '.join(GATE_KINDS)}")
+        if not isinstance(self.vgate, bool) or not isinstance(self.exclusive, bool):
+            raise ValueError("DiagKernelSpec.vgate and .exclusive must be bools")
+
+
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(_TEMPLATE_DIR)),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+
+
+def render(spec: DiagKernelSpec) -> str:
+    """Source of a module with the forward/backward kernels and launchers for `spec`."""
+    template = _environment().get_template("chunk_diag.py.jinja")
+    return template.render(name=spec.name, gate=spec.gate, vgate=spec.vgate, exclusive=spec.exclusive)
+
+
+# ---------------------------------------------------------------------------------------
+# The chunk algorithm in plain PyTorch
+# ---------------------------------------------------------------------------------------
+
+def _decay(exponent: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """exp(exponent) where `keep`, else 0. Masked exponents may be large and positive; they
+    are replaced before exp (not after), so neither inf nor its gradient ever appears."""
+    if keep is None:
+        return torch.exp(exponent)
+    return torch.exp(torch.where(keep, exponent, torch.full_like(exponent, float("-inf"))))
+
+
+def _read_gate(cumulated: torch.Tensor, exclusive: bool) -> torch.Tensor:
+    """Cumulated gate at which each token reads the state: b_i, or b_{i-1} (0 for the first
+    token of a chunk) when reading before the update. Shifting the cumsum, rather than
+    subtracting g, keeps b_{i-1} - b_{i-1} exactly 0 for strong gates."""
+    if not exclusive:
+        return cumulated
+    return torch.nn.functional.pad(cumulated[..., :-1, :], (0, 0, 1, 0))
+
+
+def _causal_mask(size: int, exclusive: bool, device) -> torch.Tensor:
+    return torch.ones(size, size, dtype=torch.bool, device=device).tril(-1 if exclusive else 0)
+
+
+def _sub_chunk_selector(chunk: int, device) -> torch.Tensor:
+    """[chunk / 16, 16, chunk] one-hot placing column j of sub-chunk s at position 16 s + j."""
+    eye = torch.eye(chunk, device=device)
+    return eye.view(chunk // SUB_CHUNK, SUB_CHUNK, chunk)
+
+
+def _gated_scores(x, y, read, write, exclusive):
+    """P_ij = sum_c x_ic y_jc exp(read_ic - write_jc) over the causal pairs of each chunk.
+
+    x, y: [..., C, D]; read, write: [..., C, D] (per channel), [..., C, 1] (scalar) or None.
+    Per-channel gates use 16-row sub-chunks: relative to a reference gate off the diagonal,
+    exact on the diagonal sub-blocks (CHUNKFORMS.md)."""
+    C = x.shape[-2]
+    mask = _causal_mask(C, exclusive, x.device)
+    if read is None:
+        return (x @ y.transpose(-1, -2)) * mask
+    if read.shape[-1] == 1:
+        exponent = read - write.transpose(-1, -2)
+        return (x @ y.transpose(-1, -2)) * _decay(exponent, mask)
+    D = x.shape[-1]
+    S = C // SUB_CHUNK
+    xs = x.unflatten(-2, (S, SUB_CHUNK))
+    ys = y.unflatten(-2, (S, SUB_CHUNK))
+    read_s = read.unflatten(-2, (S, SUB_CHUNK))
+    write_s = write.unflatten(-2, (S, SUB_CHUNK))
+    # diagonal sub-blocks [..., S, i, j], exact
+    sub_mask = _causal_mask(SUB_CHUNK, exclusive, x.device)[..., None]
+    exponent = read_s[..., :, None, :] - write_s[..., None, :, :]
+    diag = (xs[..., :, None, :] * ys[..., None, :, :] * _decay(exponent, sub_mask)).sum(-1)
+    blocks = torch.einsum("...sij,sjc->...sic", diag, _sub_chunk_selector(C, x.device))
+    if S > 1:
+        # sub-chunk s >= 1 against all earlier columns, relative to the write gate of the
+        # token just before it: both factors <= 1
+        ref = write_s[..., :-1, -1:, :]                                   # [..., S-1, 1, D]
+        x_scaled = xs[..., 1:, :, :] * torch.exp(read_s[..., 1:, :, :] - ref)
+        earlier = (torch.arange(C, device=x.device)[None, :]
+                   < (torch.arange(1, S, device=x.device) * SUB_CHUNK)[:, None])  # [S-1, C]
+        y_scaled = y[..., None, :, :] * _decay(ref - write[..., None, :, :], earlier[..., None].expand(-1, -1, D))
+        left = x_scaled @ y_scaled.transpose(-1, -2)                      # [..., S-1, 16, C]
+        blocks = blocks + torch.cat([torch.zeros_like(left[..., :1, :, :]), left], dim=-3)
+    return blocks.flatten(-3, -2)
+
+
+def _gated_apply(scores, w, read, write, exclusive):
+    """Z_i = sum_{j<=i} P_ij exp(read_i - write_j) w_j with a per-channel gate on w's
+    channels (or none): the V-side mirror of _gated_scores."""
+    if read is None:
+        return scores @ w
+    C = w.shape[-2]
+    D = w.shape[-1]
+    S = C // SUB_CHUNK
+    scores_s = scores.unflatten(-2, (S, SUB_CHUNK))                       # [..., S, 16, C]
+    ws = w.unflatten(-2, (S, SUB_CHUNK))
+    read_s = read.unflatten(-2, (S, SUB_CHUNK))
+    write_s = write.unflatten(-2, (S, SUB_CHUNK))
+    diag_scores = torch.einsum("...sic,sjc->...sij", scores_s, _sub_chunk_selector(C, w.device))
+    sub_mask = _causal_mask(SUB_CHUNK, exclusive, w.device)[..., None]
+    exponent = read_s[..., :, None, :] - write_s[..., None, :, :]
+    out = (diag_scores[..., None] * _decay(exponent, sub_mask) * ws[..., None, :, :]).sum(-2)
+    if S > 1:
+        ref = write_s[..., :-1, -1:, :]
+        earlier = (torch.arange(C, device=w.device)[None, :]
+                   < (torch.arange(1, S, device=w.device) * SUB_CHUNK)[:, None])
+        w_scaled = w[..., None, :, :] * _decay(ref - write[..., None, :, :], earlier[..., None].expand(-1, -1, D))
+        left_scores = scores_s[..., 1:, :, :] * earlier[:, None, :]
+        left = torch.exp(read_s[..., 1:, :, :] - ref) * (left_scores @ w_scaled)
+        out = out + torch.cat([torch.zeros_like(left[..., :1, :, :]), left], dim=-3)
+    return out.flatten(-3, -2)
+
+
+def _chunk_diag_dense(q, k, v, g, gv, h0, exclusive, chunk_size):
+    """One batch of equal-length sequences: q, k [B, T, H, K], v [B, T, H, V]."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    C = chunk_size
+    NT = -(-T // C)
+    pad = NT * C - T
+    if NT == 0:  # an empty sequence in a varlen batch: nothing read, the state passes through
+        state = h0.float() if h0 is not None else q.new_zeros(B, H, K, V, dtype=torch.float32)
+        return q.new_zeros(B, 0, H, V, dtype=torch.float32), state
+
+    def chunked(x):
+        # [B, T, H, D] -> [B, H, NT, C, D], zero-padded: padded gates are 0 (no decay)
+        x = torch.nn.functional.pad(x.float(), (0, 0, 0, 0, 0, pad))
+        return x.view(B, NT, C, H, -1).permute(0, 3, 1, 2, 4)
+
+    q, k, v = chunked(q), chunked(k), chunked(v)
+    write = chunked(g if g.dim() == 4 else g[..., None]).cumsum(-2) if g is not None else None
+    vwrite = chunked(gv).cumsum(-2) if gv is not None else None
+    read = _read_gate(write, exclusive) if write is not None else None
+    vread = _read_gate(vwrite, exclusive) if vwrite is not None else None
+
+    # chunk states: S' = exp(b_C) S exp(c_C) + (K exp(b_C - b))^T (V exp(c_C - c))
+    k_written, v_written = k, v
+    if write is not None:
+        k_written = k * torch.exp(write[..., -1:, :] - write)
+    if vwrite is not None:
+        v_written = v * torch.exp(vwrite[..., -1:, :] - vwrite)
+    updates = k_written.transpose(-1, -2) @ v_written                     # [B, H, NT, K, V]
+    state = h0.float() if h0 is not None else q.new_zeros(B, H, K, V)
+    entering = []
+    for n in range(NT):
+        entering.append(state)
+        if write is not None:
+            state = state * torch.exp(write[:, :, n, -1, :, None])
+        if vwrite is not None:
+            state = state * torch.exp(vwrite[:, :, n, -1, None, :])
+        state = state + updates[:, :, n]
+    states = torch.stack(entering, dim=2)                                  # [B, H, NT, K, V]
+
+    q_read = q * torch.exp(read) if read is not None else q
+    o = q_read @ states
+    if vread is not None:
+        o = o * torch.exp(vread)
+    scores = _gated_scores(q, k, read, write, exclusive)
+    o = o + _gated_apply(scores, v, vread, vwrite, exclusive)
+    o = o.permute(0, 2, 3, 1, 4).reshape(B, NT * C, H, V)[:, :T]
+    return o, state
+
+
+def chunk_diag_torch(q, k, v, g, gv, h0, cu_seqlens, exclusive, output_final_state, chunk_size=64):
+    """(o, ht): the chunk algorithm in plain PyTorch, fp32, differentiable by autograd.
+
+    Same layout and meaning as the Triton launchers: q, k [B, T, H, K], v [B, T, H, V],
+    g None / [B, T, H] / [B, T, H, K], gv None / [B, T, H, V], h0 None / [N, H, K, V],
+    cu_seqlens None / [N + 1] (then B == 1). o is [B, T, H, V] fp32, ht [N, H, K, V] or None."""
+    if chunk_size < SUB_CHUNK or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_size={chunk_size}: expected a power of two >= {SUB_CHUNK}")
+    if cu_seqlens is None:
+        o, ht = _chunk_diag_dense(q, k, v, g, gv, h0, exclusive, chunk_size)
+        return o, (ht if output_final_state else None)
+    if q.shape[0] != 1:
+        raise ValueError(f"varlen inputs (cu_seqlens given) are packed along T with B == 1, got B = {q.shape[0]}")
+    bounds = cu_seqlens.tolist()
+    outputs, finals = [], []
+    for n, (bos, eos) in enumerate(zip(bounds[:-1], bounds[1:])):
+        def part(x):
+            return None if x is None else x[:, bos:eos]
+        o_n, ht_n = _chunk_diag_dense(part(q), part(k), part(v), part(g), part(gv),
+                                      None if h0 is None else h0[n:n + 1], exclusive, chunk_size)
+        outputs.append(o_n)
+        finals.append(ht_n)
+    ht = torch.cat(finals) if output_final_state else None
+    return torch.cat(outputs, dim=1), ht

@@ -1,0 +1,137 @@
+"""`chunk_diag`: the diagonal-transition recurrence as a differentiable PyTorch op.
+
+    S_t = diag(exp(g_t)) S_{t-1} diag(exp(gv_t)) + k_t v_t^T,   o_t = q_t^T S_t  (or S_{t-1})
+
+backend="triton" runs kernels rendered from codegen/templates/chunk_diag.py.jinja for the
+structure of the call (which gates, exclusive or not); backend="torch" runs the same chunk
+algorithm in plain PyTorch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from attnc.codegen.chunk_diag import DiagKernelSpec, chunk_diag_torch, render
+from attnc.runtime.loader import load_module
+from attnc.runtime.settings import settings
+
+BACKENDS = ("triton", "torch")
+DOT_PRECISIONS = ("tf32", "tf32x3", "ieee")
+
+
+def gate_kind(q: torch.Tensor, g: torch.Tensor | None) -> str:
+    """"none", "scalar" or "channel", from the shape of the K-side log gate."""
+    if g is None:
+        return "none"
+    if tuple(g.shape) == tuple(q.shape[:3]):
+        return "scalar"
+    if tuple(g.shape) == tuple(q.shape):
+        return "channel"
+    raise ValueError(f"g has shape {tuple(g.shape)}; expected [B, T, H] = {tuple(q.shape[:3])} for a scalar "
+                     f"gate or [B, T, H, K] = {tuple(q.shape)} for a per-channel gate")
+
+
+def kernel_spec(q: torch.Tensor, g, gv, exclusive: bool, name: str | None = None) -> DiagKernelSpec:
+    """The structure a call needs. Kernels are named `name` (a compiled spec passes its
+    own, e.g. gla_S) or after the structure (e.g. diag_channel_vgate)."""
+    gate = gate_kind(q, g)
+    if name is None:
+        name = f"diag_{gate}" + ("_vgate" if gv is not None else "") + ("_exclusive" if exclusive else "")
+    return DiagKernelSpec(name=name, gate=gate, vgate=gv is not None, exclusive=exclusive)
+
+
+def register_kernels(spec: DiagKernelSpec, module) -> None:
+    """Use an already loaded kernel module (e.g. from the kernel cache) for `spec`."""
+    ChunkDiagFunction.modules[spec] = module
+
+
+@dataclass(frozen=True)
+class LaunchOptions:
+    """How the rendered launchers run: chunk size, tl.dot precision for fp32 operands,
+    interpreter mode (fp32 dots), and NaN-poisoned outputs (tests)."""
+
+    chunk_size: int = 64
+    input_precision: str = "tf32"
+    interpret: bool = False
+    poison: bool = False
+
+    def as_kwargs(self) -> dict:
+        return dict(chunk_size=self.chunk_size, interpret=self.interpret,
+                    input_precision=self.input_precision, poison=self.poison)
+
+
+class ChunkDiagFunction(torch.autograd.Function):
+    """Autograd over the rendered module's forward and backward launchers."""
+
+    # rendered and imported modules, one per DiagKernelSpec
+    modules: dict[DiagKernelSpec, object] = {}
+
+    @classmethod
+    def module_for(cls, spec: DiagKernelSpec):
+        module = cls.modules.get(spec)
+        if module is None:
+            source = render(spec)
+            config = settings()
+            if config.dump_dir is not None:
+                load_module(source, spec.name, config.dump_dir)
+            module = load_module(source, spec.name, config.cache_dir / "modules")
+            cls.modules[spec] = module
+        return module
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, gv, h0, cu_seqlens, spec, output_final_state, options):
+        module = ChunkDiagFunction.module_for(spec)
+        o, ht = module.forward(q, k, v, g, gv, h0, cu_seqlens, output_final_state, **options.as_kwargs())
+        # o is an output anyway; the V-side gate gradient needs it
+        ctx.save_for_backward(q, k, v, g, gv, h0, cu_seqlens, o if spec.vgate else None)
+        ctx.spec = spec
+        ctx.options = options
+        ctx.set_materialize_grads(False)
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, g, gv, h0, cu_seqlens, o = ctx.saved_tensors
+        nothing = (None,) * 10
+        if do is None and dht is None:
+            return nothing
+        if do is None:
+            do = torch.zeros(*v.shape, dtype=torch.float32, device=v.device)
+        module = ChunkDiagFunction.module_for(ctx.spec)
+        grads = module.backward(q, k, v, g, gv, h0, cu_seqlens, do, dht, o=o, **ctx.options.as_kwargs())
+        dq, dk, dv, dg, dgv, dh0 = (
+            None if grad is None else grad.to(like.dtype)
+            for grad, like in zip(grads, (q, k, v, g, gv, h0))
+        )
+        return dq, dk, dv, dg, dgv, dh0, None, None, None, None
+
+
+def chunk_diag(q, k, v, g=None, gv=None, h0=None, cu_seqlens=None, *, exclusive: bool,
+               output_final_state: bool, chunk_size: int = 64, backend: str = "triton",
+               input_precision: str = "tf32", poison: bool | None = None, name: str | None = None):
+    """(o, ht) of S_t = diag(exp(g_t)) S_{t-1} diag(exp(gv_t)) + k_t v_t^T, o_t = q_t^T S_t
+    (o_t = q_t^T S_{t-1} when `exclusive`).
+
+    q, k: [B, T, H, K]; v: [B, T, H, V] (fp32, fp16 or bf16); g: None, [B, T, H] or
+    [B, T, H, K] log gates (<= 0); gv: None or [B, T, H, V]; h0: None or [N, H, K, V];
+    cu_seqlens: None or [N + 1] offsets of sequences packed along T (then B == 1).
+    o is [B, T, H, V] fp32; ht is [N, H, K, V] fp32 when `output_final_state`, else None.
+    Gradients flow to q, k, v, g, gv and h0.
+
+    input_precision: tl.dot precision for fp32 inputs on a GPU ("ieee" for full fp32).
+    poison: NaN-fill kernel outputs before they are written (default: ATTNC_POISON).
+    name: prefix of the kernel names (default: from the structure)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}: expected one of {', '.join(BACKENDS)}")
+    if input_precision not in DOT_PRECISIONS:
+        raise ValueError(f"input_precision={input_precision!r}: expected one of {', '.join(DOT_PRECISIONS)}")
+    spec = kernel_spec(q, g, gv, exclusive, name)
+    if poison is None:
+        poison = settings().poison
+    if backend == "torch":
+        return chunk_diag_torch(q, k, v, g, gv, h0, cu_seqlens, exclusive, output_final_state, chunk_size)
+    interpret = settings().interpret or q.device.type != "cuda"
+    options = LaunchOptions(chunk_size=chunk_size, input_precision=input_precision,
+                            interpret=interpret, poison=poison)
+    return ChunkDiagFunction.apply(q, k, v, g, gv, h0, cu_seqlens, spec, output_final_state, options)

@@ -1,0 +1,64 @@
+"""Load generated Python source as a module.
+
+@triton.jit reads a kernel's source with `inspect`, so generated code must live in a real
+file: the source is written beside the cache entry (where it can also be read), then
+imported under a module name of its own.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+import tempfile
+from pathlib import Path
+from types import ModuleType
+
+
+def _write_atomically(path: Path, source: str) -> None:
+    """Write through a temporary file and os.replace, so a reader (another process
+    importing the same entry) never sees a half-written file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(source)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_module(source: str, module_name: str, directory: Path) -> ModuleType:
+    """Write `source` to `directory/module_name.py` (unless an identical file is there),
+    import it and return the module.
+
+    The entry in sys.modules is named after the file's path and content, so two different
+    sources, or one source in two cache directories, never collide, and loading the same
+    file twice returns the module already imported."""
+    if not module_name.isidentifier():
+        raise ValueError(f"module name {module_name!r} is not a Python identifier")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{module_name}.py"
+    try:
+        current = path.read_text(encoding="utf-8")
+    except (FileNotFoundError, UnicodeDecodeError):
+        current = None  # missing or corrupt: (re)write it
+    if current != source:
+        _write_atomically(path, source)
+
+    digest = hashlib.sha256(f"{path.resolve()}\n{source}".encode()).hexdigest()[:16]
+    unique_name = f"attnc_generated_{module_name}_{digest}"
+    if unique_name in sys.modules:
+        return sys.modules[unique_name]
+    spec = importlib.util.spec_from_file_location(unique_name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import generated module from {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[unique_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[unique_name]
+        raise
+    return module

@@ -1,0 +1,260 @@
+"""chunk_diag (diagonal-transition family), both backends, against an fp64 per-token loop.
+
+The golden model below is written independently of the chunk code: it runs the recurrence
+one token at a time in fp64 and gets its gradients from autograd. Errors are relative RMS,
+||a - b|| / ||b||. Triton runs in its interpreter here (conftest.py), with outputs and
+intermediate buffers NaN-poisoned so that any element no kernel wrote shows up.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attnc.codegen.chunk_diag import DiagKernelSpec, chunk_diag_torch, render
+from attnc.runtime.chunk_diag_op import chunk_diag, kernel_spec
+from attnc.runtime.loader import load_module
+
+FP32_TOLERANCE = 1e-4
+BF16_TOLERANCE = 2e-2
+
+# On a GPU the kernels run compiled; without one, in the interpreter on CPU tensors.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def naive_recurrence(q, k, v, g, gv, h0, cu_seqlens, exclusive):
+    """fp64 per-token loop: S_t = diag(e^g_t) S_{t-1} diag(e^gv_t) + k_t v_t^T,
+    o_t = q_t^T S_t (or S_{t-1} when exclusive). Returns (o, final states)."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    if cu_seqlens is None:
+        spans = [(b, 0, T) for b in range(B)]
+    else:
+        bounds = cu_seqlens.tolist()
+        spans = [(0, bos, eos) for bos, eos in zip(bounds[:-1], bounds[1:])]
+    pieces, finals = [], []
+    for n, (b, bos, eos) in enumerate(spans):
+        state = h0[n].double() if h0 is not None else q.new_zeros(H, K, V, dtype=torch.float64)
+        rows = [q.new_zeros(0, H, V, dtype=torch.float64)]
+        for t in range(bos, eos):
+            before = state
+            if g is not None:
+                decay = g[b, t].double().exp()
+                state = state * (decay[:, :, None] if g.dim() == 4 else decay[:, None, None])
+            if gv is not None:
+                state = state * gv[b, t].double().exp()[:, None, :]
+            state = state + k[b, t].double()[:, :, None] * v[b, t].double()[:, None, :]
+            read = before if exclusive else state
+            rows.append(torch.einsum("hk,hkv->hv", q[b, t].double(), read)[None])
+        pieces.append(torch.cat(rows))
+        finals.append(state)
+    outputs = torch.stack(pieces) if cu_seqlens is None else torch.cat(pieces)[None]
+    return outputs, torch.stack(finals)
+
+
+def rel_rms(actual, expected):
+    actual, expected = actual.double(), expected.double()
+    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    gate: str = "none"            # none | scalar | channel
+    vgate: bool = False
+    exclusive: bool = False
+    T: int = 64
+    K: int = 16
+    V: int = 32
+    B: int = 1
+    H: int = 2
+    h0: bool = True
+    final: bool = True
+    dtype: torch.dtype = torch.float32
+    seqlens: tuple[int, ...] | None = None   # varlen: sequence lengths packed along T
+    strong: bool = False          # log gates of -20 per step on about half the entries
+    chunk_size: int = 64
+
+    def __str__(self):
+        parts = [self.gate, "vgate" if self.vgate else "", "excl" if self.exclusive else "",
+                 f"T{self.T}", f"K{self.K}V{self.V}", "h0" if self.h0 else "", "ht" if self.final else "",
+                 "bf16" if self.dtype == torch.bfloat16 else "", f"varlen{list(self.seqlens)}" if self.seqlens else "",
+                 "strong" if self.strong else "", f"C{self.chunk_size}" if self.chunk_size != 64 else ""]
+        return "-".join(p for p in parts if p)
+
+
+CASES = [
+    Case("none", T=1, K=16, V=32),
+    Case("none", exclusive=True, T=17, K=32, V=16, h0=False),
+    Case("none", vgate=True, T=100, K=32, V=16, final=False),
+    Case("none", vgate=True, exclusive=True, T=1, K=64, V=64),
+    Case("scalar", T=64, K=64, V=64, final=False, B=2, H=1),
+    Case("scalar", exclusive=True, T=100, K=16, V=32),
+    Case("scalar", vgate=True, T=17, K=32, V=16, h0=False),
+    Case("scalar", vgate=True, exclusive=True, T=200, K=16, V=32, B=2, H=1),
+    Case("channel", T=100, K=32, V=16),
+    Case("channel", exclusive=True, T=200, K=16, V=32, final=False),
+    Case("channel", vgate=True, T=64, K=16, V=32, h0=False, final=False),
+    Case("channel", vgate=True, exclusive=True, T=100, K=32, V=16, B=2, H=1),
+    Case("channel", vgate=True, T=17, K=64, V=64, H=1),
+    # sizes that are not powers of two, and a smaller chunk
+    Case("channel", vgate=True, T=40, K=48, V=96, H=1),
+    Case("scalar", T=100, K=32, V=16, chunk_size=32),
+    # varlen: three sequences of unequal lengths, chunks never crossing a boundary
+    Case("none", T=104, seqlens=(23, 1, 80)),
+    Case("scalar", exclusive=True, T=104, seqlens=(80, 23, 1), final=False),
+    Case("channel", vgate=True, T=104, seqlens=(1, 80, 23)),
+    Case("channel", vgate=True, exclusive=True, T=104, seqlens=(23, 80, 1), h0=False),
+    # bf16 inputs
+    Case("scalar", vgate=True, T=100, K=32, V=16, dtype=torch.bfloat16),
+    Case("channel", exclusive=True, T=100, K=16, V=32, dtype=torch.bfloat16),
+    # strong gates: no inf/NaN, still accurate
+    Case("scalar", T=512, K=16, V=16, H=1, strong=True),
+    Case("channel", vgate=True, T=512, K=16, V=16, H=1, strong=True),
+    Case("channel", exclusive=True, T=512, K=16, V=16, H=1, strong=True),
+]
+
+
+def make_inputs(case: Case):
+    B, T, H, K, V = case.B, case.T, case.H, case.K, case.V
+    if case.seqlens:
+        B = 1
+        assert sum(case.seqlens) == T
+    N = len(case.seqlens) if case.seqlens else B
+
+    def log_gate(*shape):
+        # log-sigmoid of shifted normals: decays mostly mild, some strong
+        gate = F.logsigmoid(torch.randn(*shape) + 1.5)
+        if case.strong:
+            gate = torch.where(torch.rand(*shape) < 0.5, torch.full_like(gate, -20.0), gate)
+        return gate
+
+    q = (torch.randn(B, T, H, K) / K ** 0.5).to(case.dtype)
+    k = torch.randn(B, T, H, K).to(case.dtype)
+    v = torch.randn(B, T, H, V).to(case.dtype)
+    g = {"none": None, "scalar": log_gate(B, T, H), "channel": log_gate(B, T, H, K)}[case.gate]
+    gv = log_gate(B, T, H, V) if case.vgate else None
+    h0 = torch.randn(N, H, K, V) if case.h0 else None
+    cu_seqlens = None
+    if case.seqlens:
+        cu_seqlens = torch.tensor([0, *torch.tensor(case.seqlens).cumsum(0).tolist()], dtype=torch.int32)
+    return tuple(None if x is None else x.to(DEVICE) for x in (q, k, v, g, gv, h0, cu_seqlens))
+
+
+def run_and_differentiate(fn, inputs, do, dht):
+    """(o, ht, grads of q, k, v, g, gv, h0) for a random cotangent on o and on ht."""
+    leaves = [None if x is None else x.detach().clone().requires_grad_() for x in inputs[:6]]
+    o, ht = fn(*leaves, inputs[6])
+    loss = (o.double() * do).sum()
+    if dht is not None:
+        loss = loss + (ht.double() * dht).sum()
+    wrt = [x for x in leaves if x is not None]
+    grads = iter(torch.autograd.grad(loss, wrt))
+    return o, ht, [None if x is None else next(grads) for x in leaves]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_matches_naive_recurrence(case: Case, backend: str):
+    inputs = make_inputs(case)
+    q, k, v, g, gv, h0, cu_seqlens = inputs
+
+    def golden(q, k, v, g, gv, h0, cu_seqlens):
+        return naive_recurrence(q, k, v, g, gv, h0, cu_seqlens, case.exclusive)
+
+    def under_test(q, k, v, g, gv, h0, cu_seqlens):
+        return chunk_diag(q, k, v, g, gv, h0, cu_seqlens, exclusive=case.exclusive,
+                          output_final_state=case.final, chunk_size=case.chunk_size, backend=backend,
+                          input_precision="ieee", poison=True)
+
+    ref_o, ref_ht = golden(*[None if x is None else x.double() for x in inputs[:6]], cu_seqlens)
+    do = torch.randn_like(ref_o)
+    dht = torch.randn_like(ref_ht) if case.final else None
+    ref_o, ref_ht, ref_grads = run_and_differentiate(golden, inputs, do, dht)
+    o, ht, grads = run_and_differentiate(under_test, inputs, do, dht)
+
+    tolerance = BF16_TOLERANCE if case.dtype == torch.bfloat16 else FP32_TOLERANCE
+    assert o.dtype == torch.float32 and o.shape == ref_o.shape
+    assert torch.isfinite(o).all(), "o has NaN/inf (unwritten or overflowed elements)"
+    assert rel_rms(o, ref_o) <= tolerance, f"o: rel RMS {rel_rms(o, ref_o):.2e}"
+    if case.final:
+        assert ht is not None and ht.dtype == torch.float32 and torch.isfinite(ht).all()
+        assert rel_rms(ht, ref_ht) <= tolerance, f"ht: rel RMS {rel_rms(ht, ref_ht):.2e}"
+    else:
+        assert ht is None
+    for label, grad, ref, x in zip(("q", "k", "v", "g", "gv", "h0"), grads, ref_grads, inputs):
+        if x is None:
+            assert grad is None
+            continue
+        assert grad.shape == x.shape and grad.dtype == x.dtype, label
+        assert torch.isfinite(grad).all(), f"d{label} has NaN/inf"
+        err = rel_rms(grad, ref)
+        assert err <= tolerance, f"d{label}: rel RMS {err:.2e} > {tolerance}"
+
+
+def test_rendered_module_launchers_return_fp32_grads_shaped_like_inputs():
+    """The launchers themselves (not through autograd): shapes, dtypes, Nones."""
+    case = Case("channel", vgate=True, exclusive=True, T=33, K=16, V=16, dtype=torch.bfloat16)
+    q, k, v, g, gv, h0, cu_seqlens = make_inputs(case)
+    spec = kernel_spec(q, g, gv, case.exclusive)
+    from attnc.runtime.chunk_diag_op import ChunkDiagFunction
+    module = ChunkDiagFunction.module_for(spec)
+    o, ht = module.forward(q, k, v, g, gv, None, None, False, poison=True)
+    assert o.dtype == torch.float32 and ht is None
+    grads = module.backward(q, k, v, g, gv, None, None, torch.randn_like(o), None, poison=True)
+    for grad, x in zip(grads[:5], (q, k, v, g, gv)):
+        assert grad.shape == x.shape and grad.dtype == torch.float32 and torch.isfinite(grad).all()
+    assert grads[5] is None
+
+
+@pytest.mark.parametrize("spec", [DiagKernelSpec("gla", "channel", False, False),
+                                  DiagKernelSpec("rwkv6", "channel", False, True),
+                                  DiagKernelSpec("plain", "none", True, False)], ids=lambda s: s.name)
+def test_render_names_kernels_and_reads_like_code(spec):
+    source = render(spec)
+    compile(source, f"<{spec.name}>", "exec")
+    kernels = re.findall(r"^def (\w+)\(", source, flags=re.M)
+    for suffix in ("chunk_state_fwd", "intra_scores", "chunk_output_fwd", "chunk_state_bwd",
+                   "intra_scores_grad", "chunk_dqdk", "chunk_dv"):
+        assert f"{spec.name}_{suffix}" in kernels
+    assert (f"{spec.name}_gate_grad" in kernels) == (spec.gate != "none")
+    assert (f"{spec.name}_vgate_grad" in kernels) == spec.vgate
+    assert "{{" not in source and "{%" not in source
+    assert "\n\n\n\n" not in source, "template whitespace leaks into the generated code"
+
+
+def test_spec_and_input_errors_name_the_culprit():
+    with pytest.raises(ValueError, match="gate='per_head'"):
+        DiagKernelSpec("x", gate="per_head")
+    with pytest.raises(ValueError, match="not a Python identifier"):
+        DiagKernelSpec("my kernel")
+    q = torch.randn(1, 8, 2, 16)
+    with pytest.raises(ValueError, match=r"g has shape \(1, 8, 3\)"):
+        chunk_diag(q, q, q, torch.zeros(1, 8, 3), exclusive=False, output_final_state=False)
+    with pytest.raises(ValueError, match="backend='cuda'"):
+        chunk_diag(q, q, q, exclusive=False, output_final_state=False, backend="cuda")
+
+
+def test_torch_backend_is_vectorised_and_matches_without_varlen_loop():
+    """Varlen with equal lengths equals the batched path (the torch path loops only for varlen)."""
+    case = Case("channel", vgate=True, T=40, B=3)
+    q, k, v, g, gv, h0, _ = make_inputs(case)
+    o, ht = chunk_diag_torch(q, k, v, g, gv, h0, None, False, True)
+    flat = [x.flatten(0, 1)[None] for x in (q, k, v, g, gv)]
+    cu = torch.tensor([0, 40, 80, 120], dtype=torch.int32)
+    o2, ht2 = chunk_diag_torch(*flat, h0, cu, False, True)
+    assert torch.allclose(o.flatten(0, 1)[None], o2, atol=1e-5) and torch.allclose(ht, ht2, atol=1e-5)
+
+
+def test_loader_writes_once_and_imports_under_unique_names(tmp_path):
+    first = load_module("VALUE = 1\n", "generated_thing", tmp_path)
+    mtime = (tmp_path / "generated_thing.py").stat().st_mtime_ns
+    again = load_module("VALUE = 1\n", "generated_thing", tmp_path)
+    assert again is first and (tmp_path / "generated_thing.py").stat().st_mtime_ns == mtime
+    changed = load_module("VALUE = 2\n", "generated_thing", tmp_path)
+    assert changed.VALUE == 2 and first.VALUE == 1 and changed.__name__ != first.__name__
+    elsewhere = load_module("VALUE = 2\n", "generated_thing", tmp_path / "other")
+    assert elsewhere is not changed
+    assert not list(tmp_path.glob("*.tmp")), "temporary files left behind"
