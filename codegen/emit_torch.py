@@ -89,7 +89,9 @@ def emit_plan(plan: DiagPlan, version: str) -> str:
         read_op = "+=" if call.readout in seen else "="
         final_op = "+=" if call.state in seen else "="
         seen.update({call.readout, call.state} if call.gives_final else {call.readout})
-        calls.append({**call.__dict__, "py": py, "read_op": read_op, "final_op": final_op})
+        kernel_name = f"{spec.name}_{call.state}" + (f"_{call.index}" if len(plan.calls) > 1 else "")
+        calls.append({**call.__dict__, "py": py, "read_op": read_op, "final_op": final_op,
+                      "kernel_name": kernel_name})
 
     epilogue, epilogue_args = [], set()
     placeholders = {lr.placeholder for r in analysis.readouts for lr in r.linear}

@@ -1,6 +1,8 @@
 """`attnc.compile`: the pipeline from spec text to a callable op, one named step each.
 
     parse -> check -> analyse -> (plan -> emit -> load, per backend, on first call)
+
+`attnc.recurrence` enters the same pipeline from a Python function: trace -> check -> analyse.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from pathlib import Path
 from ..codegen.analysis import Analysis, analyse
 from ..dsl import ir
 from ..dsl.parser import parse
+from ..dsl.tracer import trace
 from .op import CompiledOp
 
 
@@ -47,9 +50,21 @@ def parse_spec(source: str | Path) -> ir.Spec:
 
 def compile(source: str | Path) -> CompiledOp:  # noqa: A001 - the public verb
     """Compile a spec (a path, a shipped spec name, or `.attn` text) into an op."""
-    spec = parse_spec(source)          # parse + check (raises SpecError)
+    spec = parse_spec(source)  # parse + check (raises SpecError)
+    return compile_spec(spec)
+
+
+def compile_spec(spec: ir.Spec) -> CompiledOp:
+    """The steps after a front end: turn a checked spec into an op."""
     analysis: Analysis = analyse(spec)  # compose and classify each state
     return CompiledOp(spec, analysis)
+
+
+def recurrence(fn) -> CompiledOp:
+    """Decorator: trace a Python function into a checked spec (see dsl/tracer.py) and
+    compile it; the result is the same `CompiledOp` that `compile` returns for its text."""
+    spec = trace(fn)  # trace + check (raises SpecError at the user's file:line)
+    return compile_spec(spec)
 
 
 def load(name: str) -> CompiledOp:

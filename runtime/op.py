@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 
-import hashlib
 
 from ..codegen.analysis import Analysis
 from ..dsl import ir
@@ -25,8 +24,7 @@ class CompiledOp:
     def __init__(self, spec: ir.Spec, analysis: Analysis):
         self.spec = spec
         self.analysis = analysis
-        self._plan_source: str | None = None
-        self._plan_module = None
+        self._plan_modules: dict = {}  # torch.device -> loaded plan module
 
     @property
     def name(self) -> str:
@@ -53,9 +51,11 @@ class CompiledOp:
         return _unwrap(outputs), (_unwrap(states) if states is not None else None)
 
     def __call__(self, *, initial_state=None, output_final_state=False, cu_seqlens=None,
-                 chunk_size: int = 64, backend: str | None = None, **kwargs):
+                 chunk_size: int = 64, backend: str | None = None, precision: str = "tf32",
+                 **kwargs):
         """Run the generated kernels. `backend`: "triton" (default on CUDA, or on the CPU
-        when Triton's interpreter is on) or "torch" (the plan in plain PyTorch)."""
+        when Triton's interpreter is on) or "torch" (the plan in plain PyTorch).
+        `precision`: tl.dot precision for fp32 operands on a GPU ("tf32" or "ieee")."""
         import torch
 
         from .binding import bind, expand_heads
@@ -63,13 +63,15 @@ class CompiledOp:
 
         if chunk_size < 16 or chunk_size & (chunk_size - 1):
             raise ValueError(f"chunk_size must be a power of two >= 16, got {chunk_size}")
+        if precision not in ("tf32", "ieee"):
+            raise ValueError(f"precision must be 'tf32' or 'ieee', got {precision!r}")
         bound = bind(self.spec, kwargs, initial_state=initial_state, cu_seqlens=cu_seqlens)
         if backend is None:
             use_triton = bound.device.type == "cuda" or settings().interpret
             backend = "triton" if use_triton else "torch"
         elif backend not in ("triton", "torch"):
             raise ValueError(f"backend must be 'triton' or 'torch', got {backend!r}")
-        module = self.plan_module()
+        module = self.plan_module(bound.device)
 
         H = bound.H
         values: dict[str, object] = {}
@@ -86,8 +88,8 @@ class CompiledOp:
 
         outputs, states = module.forward(
             values, states_in, shape=(bound.B, bound.T, H),
-            output_final_state=output_final_state, cu_seqlens=bound.cu_seqlens,
-            backend=backend, chunk_size=chunk_size, dtype=dtype,
+            output_final_state=output_final_state, cu_seqlens=bound.cu_seqlens, dtype=dtype,
+            options=dict(backend=backend, chunk_size=chunk_size, input_precision=precision),
         )
         shapes = {r.name: r.shape for r in self.analysis.readouts}
         outputs = tuple(
@@ -102,20 +104,74 @@ class CompiledOp:
         from ..codegen.emit_torch import emit_plan
         from ..codegen.plan import plan_diagonal
 
-        if self._plan_source is None:
-            self._plan_source = emit_plan(plan_diagonal(self.analysis), __version__)
-        return self._plan_source
+        return emit_plan(plan_diagonal(self.analysis), __version__)
 
-    def plan_module(self):
-        if self._plan_module is None:
-            from .loader import load_module
-            from .settings import settings
+    def sources(self) -> dict[str, str]:
+        """Every generated source of this op by file name: the plan module, one Triton
+        kernel module per chunk call, and a manifest saying which is which."""
+        import json
 
-            source = self.plan_source()
-            digest = hashlib.sha256(source.encode()).hexdigest()[:16]
-            self._plan_module = load_module(
-                source, f"attnc_plan_{self.name}_{digest}", settings().cache_dir / "modules")
-        return self._plan_module
+        from ..codegen.chunk_diag import DiagKernelSpec, render
+        from ..codegen.plan import plan_diagonal
+
+        plan = plan_diagonal(self.analysis)
+        files = {f"{self.name}_plan.py": self.plan_source()}
+        kernels = {}
+        for call in plan.calls:
+            name = f"{self.name}_{call.state}" + (f"_{call.index}" if len(plan.calls) > 1 else "")
+            kernel = DiagKernelSpec(name=name, gate=call.gate, vgate=call.log_gate_v is not None,
+                                    exclusive=call.exclusive)
+            files[f"{name}_kernels.py"] = render(kernel)
+            kernels[f"{name}_kernels.py"] = kernel.__dict__
+        files["manifest.json"] = json.dumps(
+            {"plan": f"{self.name}_plan.py", "diag_kernels": kernels}, indent=2, sort_keys=True)
+        return files
+
+    @property
+    def canonical_text(self) -> str:
+        """The spec as canonical text without its comments: what the cache key hashes."""
+        import dataclasses
+
+        return pretty(dataclasses.replace(self.spec, doc=""))
+
+    def cache_key_parts(self, device) -> dict[str, str]:
+        from ..codegen.emit_torch import TEMPLATES
+        from .cache import describe_device, standard_key_parts
+
+        templates = {p.name: p.read_text() for p in sorted(TEMPLATES.glob("*.jinja"))}
+        return standard_key_parts(self.canonical_text, templates, describe_device(device),
+                                  {"family": self.analysis.family})
+
+    def cache_key(self, device="cpu") -> str:
+        from .cache import cache_key
+
+        return cache_key(self.cache_key_parts(device))
+
+    def plan_module(self, device="cpu"):
+        """The plan module for `device`, from the kernel cache: generated and written on
+        the first use on this machine, loaded without any code generation after that."""
+        import json
+
+        import torch
+
+        from ..codegen.chunk_diag import DiagKernelSpec
+        from .cache import KernelCache, cache_key
+        from .chunk_diag_op import register_kernels
+        from .loader import load_module
+
+        device = torch.device(device)
+        if device not in self._plan_modules:
+            parts = self.cache_key_parts(device)
+            entry = KernelCache().get_or_build(cache_key(parts), parts, self.sources,
+                                               spec_name=self.name)
+            manifest = json.loads(entry.files["manifest.json"].read_text())
+            for file, fields in manifest["diag_kernels"].items():
+                module = load_module(entry.files[file].read_text(), file[:-3], entry.path)
+                register_kernels(DiagKernelSpec(**fields), module)
+            plan = manifest["plan"]
+            self._plan_modules[device] = load_module(entry.files[plan].read_text(), plan[:-3],
+                                                     entry.path)
+        return self._plan_modules[device]
 
 
 def _stream_dtype(tensors):

@@ -16,6 +16,7 @@ KNOBS = {
     "ATTNC_INTERPRET": (bool, None, "run Triton kernels in the interpreter (default: TRITON_INTERPRET)"),
     "ATTNC_AUTOTUNE": (str, "fast", "autotuning: off | fast | full"),
     "ATTNC_LOG_LEVEL": (str, "WARNING", "logging level of the `attnc` logger"),
+    "ATTNC_POISON": (bool, False, "NaN-fill kernel outputs before kernels write them (tests)"),
 }
 
 
@@ -26,6 +27,7 @@ class Settings:
     interpret: bool
     autotune: str
     log_level: str
+    poison: bool
 
 
 def _bool(text: str) -> bool:
@@ -51,4 +53,5 @@ def settings() -> Settings:
         interpret=interpret,
         autotune=autotune,
         log_level=env.get("ATTNC_LOG_LEVEL", "WARNING").upper(),
+        poison=_bool(env.get("ATTNC_POISON", "0")),
     )

@@ -71,7 +71,8 @@ def verify(op: CompiledOp, *, B: int = 2, T: int = 100, H: int = 2, K: int = 32,
         return states[0] if len(states) == 1 else states
 
     out, ht = op(**args, initial_state=state_arg(h0), output_final_state=final_state,
-                 cu_seqlens=cu_seqlens, backend=backend, chunk_size=chunk_size)
+                 cu_seqlens=cu_seqlens, backend=backend, chunk_size=chunk_size,
+                 precision="ieee" if dtype == torch.float32 else "tf32")
     ref_args = {n: t.detach().double().requires_grad_() for n, t in args.items()}
     ref_h0 = tuple(s.detach().double().requires_grad_() for s in h0)
     ref_out, ref_ht = op.reference(**ref_args, initial_state=state_arg(ref_h0),

@@ -16,4 +16,5 @@ gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU; none on this ma
 def _isolated_cache(tmp_path, monkeypatch):
     """Every test gets its own kernel cache so tests never see each other's entries."""
     monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path / "attnc-cache"))
+    monkeypatch.setenv("ATTNC_POISON", "1")  # unwritten kernel outputs show as NaN
     torch.manual_seed(0)
