@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import keyword
+import re
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -9,6 +11,7 @@ import jinja2
 import sympy as sp
 
 from ..dsl.printer import pretty
+from .elementwise import backward_lines, build_program, forward_lines
 from .plan import DiagPlan
 from .symbols import symbol
 from .torch_printer import L2NORM_EPS, torch_code
@@ -16,7 +19,8 @@ from .torch_printer import L2NORM_EPS, torch_code
 TEMPLATES = Path(__file__).parent / "templates"
 # names the generated module uses itself; spec names that collide get a trailing _
 _RESERVED = {"torch", "F", "chunk_diag", "l2norm", "values", "reads", "ops", "o", "ht",
-             "finals", "outputs", "states", "per_token", "L2NORM_EPS"}
+             "finals", "outputs", "states", "per_token", "L2NORM_EPS", "params", "ctx",
+             "tensors", "grads", "unbroadcast", "accumulate", "Prologue", "Epilogue"}
 
 
 @lru_cache(maxsize=None)
@@ -39,13 +43,63 @@ def template_hashes() -> dict[str, str]:
 
 
 def _py_name(name: str) -> str:
-    return name + "_" if name in _RESERVED or keyword.iskeyword(name) else name
+    """A spec name as a Python variable of the generated module: names the module uses
+    itself, and names that look like its gradient variables, get a trailing _."""
+    if name.startswith("_read"):           # the analysis' linear-readout placeholders
+        return name[1:]
+    clash = (name in _RESERVED or keyword.iskeyword(name) or name.startswith(("d_", "grad_"))
+             or re.fullmatch(r"(t|tc|read)\d+", name))
+    return name + "_" if clash else name
+
+
+@dataclass(frozen=True)
+class EmittedProgram:
+    name: str
+    inputs: list[str]
+    constants: list[str]
+    forward: list[str]
+    backward: list[str]
+    outputs: list[tuple[str, str]]
+    gradients: list[str]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [name for name, _ in self.outputs]
+
+    @property
+    def output_vars(self) -> list[str]:
+        return [var for _, var in self.outputs]
+
+    @property
+    def grad_args(self) -> list[str]:
+        return [f"grad_{name}" for name, _ in self.outputs]
+
+    @property
+    def input_grads(self) -> list[str]:
+        return [f"d_{x}" for x in self.inputs]
+
+
+def _program(name: str, outputs: list[tuple[str, sp.Expr]], tensors: list[str],
+             floats: list[str]) -> EmittedProgram:
+    used = set().union(*(e.free_symbols for _, e in outputs)) if outputs else set()
+    used_names = {s.name for s in used}
+    inputs = [symbol(n) for n in tensors if n in used_names]
+    constants = [symbol(n) for n in floats if n in used_names]
+    program = build_program(outputs, inputs, constants)
+    grads = [f"d_{s.name}" for s in inputs] + [f"d_{s.target.name}" for s in program.steps]
+    return EmittedProgram(
+        name=name, inputs=[s.name for s in inputs], constants=[s.name for s in constants],
+        forward=forward_lines(program), backward=backward_lines(program),
+        outputs=[(n, v.name) for n, v in program.outputs], gradients=grads,
+    )
 
 
 def emit_plan(plan: DiagPlan, version: str) -> str:
     analysis = plan.analysis
     spec = analysis.spec
     rename = {s: symbol(_py_name(s.name)) for s in _all_symbols(plan)}
+    tensors = [_py_name(n) for n in [i.name for i in spec.inputs] + [w.name for w in spec.weights]]
+    floats = [_py_name(p.name) for p in spec.params]
 
     # the kernel operands, named after the state and their role
     operands: list[tuple[str, sp.Expr]] = []
@@ -58,18 +112,11 @@ def emit_plan(plan: DiagPlan, version: str) -> str:
         names = {}
         for role in ("query", "key", "value", "log_gate", "log_gate_v"):
             expr = getattr(call, role)
-            if expr is None:
-                names[role] = None
-                continue
-            var = f"{prefix}_{role}"
-            operands.append((var, expr.xreplace(rename)))
-            names[role] = var
+            names[role] = None if expr is None else f"{prefix}_{role}"
+            if expr is not None:
+                operands.append((names[role], expr.xreplace(rename)))
         call_vars.append(names)
-
-    temps, reduced = sp.cse([e for _, e in operands], symbols=sp.numbered_symbols("_t"),
-                            optimizations="basic")
-    prologue = [(t.name, torch_code(e)) for t, e in temps]
-    prologue += [(var, torch_code(e)) for (var, _), e in zip(operands, reduced)]
+    prologue = _program("Prologue", operands, tensors, floats)
 
     calls = []
     seen: set = set()
@@ -83,39 +130,45 @@ def emit_plan(plan: DiagPlan, version: str) -> str:
                       else f"torch.zeros_like({key})"),
             "log_gate": _gate_arg(names["log_gate"], call.gate),
             "log_gate_v": _gate_arg(names["log_gate_v"], "channel"),
+            "initial_state": (f"initial_states[{state_index[call.state]}]"
+                              if call.takes_initial else "None"),
         }
-        py["initial_state"] = (f"initial_states[{state_index[call.state]}]"
-                               if call.takes_initial else "None")
+        call_fields = {**call.__dict__, "readout": call.readout and _py_name(call.readout)}
         read_op = "+=" if call.readout in seen else "="
         final_op = "+=" if call.state in seen else "="
         seen.update({call.readout, call.state} if call.gives_final else {call.readout})
         kernel_name = f"{spec.name}_{call.state}" + (f"_{call.index}" if len(plan.calls) > 1 else "")
-        calls.append({**call.__dict__, "py": py, "read_op": read_op, "final_op": final_op,
+        calls.append({**call_fields, "py": py, "read_op": read_op, "final_op": final_op,
                       "kernel_name": kernel_name})
 
-    epilogue, epilogue_args = [], set()
-    placeholders = {lr.placeholder for r in analysis.readouts for lr in r.linear}
-    for r in analysis.readouts:
-        expr = r.combinator.xreplace(rename)
-        epilogue.append((r.name, torch_code(expr)))
-        epilogue_args |= {s.name for s in expr.free_symbols} - {p.name for p in placeholders}
+    placeholders = sorted({_py_name(lr.placeholder.name) for r in analysis.readouts
+                           for lr in r.linear})
+    readouts = [(r.name, r.combinator.xreplace(rename)) for r in analysis.readouts]
+    epilogue = _program("Epilogue", readouts, placeholders + tensors, floats)
 
-    arg_names = [_py_name(n) for n in _arg_order(spec)]
-    used = {s.name for _, e in operands for s in e.free_symbols}
-    return environment().get_template("plan_torch.py.jinja").render(
+    env = environment()
+    env.filters["tuple"] = _tuple_code
+    return env.get_template("plan_torch.py.jinja").render(
         spec_name=spec.name,
         filename=spec.filename,
         version=version,
         spec_text=pretty(spec),
         canonical=analysis.canonical.splitlines(),
-        arg_names=[n for n in arg_names if n in used],
         prologue=prologue,
-        calls=calls,
         epilogue=epilogue,
-        epilogue_args=[n for n in arg_names if n in epilogue_args],
+        constants=sorted(set(prologue.constants) | set(epilogue.constants)),
+        prologue_args=", ".join(f'values["{x}"]' for x in prologue.inputs),
+        epilogue_args=", ".join(f'reads["{x}"]' if x in placeholders else f'values["{x}"]'
+                                for x in epilogue.inputs),
+        calls=calls,
         states=[s.name for s in spec.states],
         l2norm_eps=repr(L2NORM_EPS),
     )
+
+
+def _tuple_code(items) -> str:
+    items = list(items)
+    return f"({items[0]},)" if len(items) == 1 else f"({', '.join(items)})"
 
 
 def _gate_arg(var: str | None, kind: str) -> str:

@@ -36,6 +36,11 @@ def torch_code(expr: sp.Expr) -> str:
     return _print(sp.sympify(expr))[0]
 
 
+def torch_factor(expr: sp.Expr) -> str:
+    """Code for `expr` as the right operand of `*` (parenthesised only when needed)."""
+    return _wrap(_print(sp.sympify(expr)), _PREC_POW)
+
+
 def _wrap(pair: tuple[str, int], need: int) -> str:
     text, prec = pair
     return f"({text})" if prec < need else text
@@ -85,6 +90,15 @@ def _print(e: sp.Expr) -> tuple[str, int]:
         if exp == -1:
             return f"1 / {_wrap(_print(base), _PREC_POW)}", _PREC_MUL
         return f"{_wrap(_print(base), _PREC_ATOM)} ** {_wrap(_print(exp), _PREC_ATOM)}", _PREC_POW
+    if isinstance(e, sp.Heaviside):
+        x = _print(e.args[0])[0]
+        return f"torch.heaviside({x}, torch.zeros_like({x}))", _PREC_ATOM
+    if isinstance(e, sp.Piecewise):
+        *cases, (otherwise, _) = e.args
+        text = _print(otherwise)[0]
+        for value, cond in reversed(cases):
+            text = f"torch.where({_relation(cond)}, {_print(value)[0]}, {text})"
+        return text, _PREC_ATOM
     if isinstance(e, l2norm):
         return f"l2norm({_print(e.args[0])[0]})", _PREC_ATOM
     if isinstance(e, dot):
@@ -96,3 +110,12 @@ def _print(e: sp.Expr) -> tuple[str, int]:
         if isinstance(e, fn):
             return f"{name}({_print(e.args[0])[0]})", _PREC_ATOM
     raise NotImplementedError(f"no PyTorch printing for {type(e).__name__}: {e}")
+
+
+def _relation(cond) -> str:
+    ops = {sp.StrictGreaterThan: ">", sp.GreaterThan: ">=", sp.StrictLessThan: "<",
+           sp.LessThan: "<="}
+    for kind, op in ops.items():
+        if isinstance(cond, kind):
+            return f"{_wrap(_print(cond.lhs), _PREC_ADD)} {op} {_wrap(_print(cond.rhs), _PREC_ADD)}"
+    raise NotImplementedError(f"no PyTorch printing for the condition {cond}")
