@@ -19,6 +19,7 @@ _FUNCS = {
     sp.log: "torch.log",
     sp.tanh: "torch.tanh",
     sp.Abs: "torch.abs",
+    sp.sign: "torch.sign",
     sigmoid: "torch.sigmoid",
     logsigmoid: "F.logsigmoid",
     softplus: "F.softplus",
