@@ -72,6 +72,12 @@ def _cmd_show(args) -> int:
 
 
 def _cmd_verify(args) -> int:
+    import os
+
+    # Without a GPU the Triton kernels run in Triton's interpreter, which must be
+    # switched on before triton is first imported.
+    if args.backend != "torch" and "triton" not in sys.modules and not _has_cuda_device():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     import torch
 
     from ..codegen.plan import NoChunkForm
@@ -82,7 +88,15 @@ def _cmd_verify(args) -> int:
     shape = dict(B=1, T=37, H=2, K=16, V=32) if args.quick else dict(B=2, T=100, H=2, K=32, V=64)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     failed = 0
-    print(f"attnc verify: kernels vs the fp64 reference, shapes {shape}, device {device}")
+    from .settings import settings
+
+    backend = args.backend or "triton"
+    where = device if device == "cuda" or backend == "torch" or not settings().interpret \
+        else "cpu, Triton interpreter"
+    if backend == "triton" and device == "cpu" and not settings().interpret:
+        backend = "torch"  # triton was imported before the interpreter could be switched on
+        where = "cpu, PyTorch chunk path"
+    print(f"attnc verify: {backend} kernels vs the fp64 reference ({where}), shapes {shape}")
     for name in names:
         try:
             op = compile(name)
@@ -91,7 +105,7 @@ def _cmd_verify(args) -> int:
             failed += 1
             continue
         try:
-            result = verify(op, **shape, device=device, backend=args.backend)
+            result = verify(op, **shape, device=device, backend=backend)
         except NoChunkForm:
             print(f"  {op.name:16s} {op.cls:9s} no kernel for this class yet (reference only)")
             continue
@@ -132,6 +146,12 @@ def _cmd_compile(args) -> int:
     return 0
 
 
+def _has_cuda_device() -> bool:
+    import os
+
+    return os.path.exists("/dev/nvidia0") or bool(os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attnc", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -148,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("specs", nargs="*", metavar="SPEC", help="default: every shipped spec")
     verify.add_argument("--quick", action="store_true", help="small shapes")
     verify.add_argument("--backend", choices=("triton", "torch"), default=None,
-                        help="default: triton on a GPU or under TRITON_INTERPRET, else torch")
+                        help="default: triton (in Triton's interpreter when there is no GPU)")
     verify.set_defaults(run=_cmd_verify)
 
     comp = sub.add_parser("compile", help="compile a spec; --emit DIR writes the generated sources")
