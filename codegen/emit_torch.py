@@ -12,7 +12,7 @@ import sympy as sp
 
 from ..dsl.printer import pretty
 from .elementwise import backward_lines, build_program, forward_lines
-from .plan import DiagPlan
+from .plan import ChunkPlan
 from .symbols import symbol
 from .torch_printer import L2NORM_EPS, torch_code
 
@@ -94,7 +94,7 @@ def _program(name: str, outputs: list[tuple[str, sp.Expr]], tensors: list[str],
     )
 
 
-def emit_plan(plan: DiagPlan, version: str) -> str:
+def emit_plan(plan: ChunkPlan, version: str) -> str:
     analysis = plan.analysis
     spec = analysis.spec
     rename = {s: symbol(_py_name(s.name)) for s in _all_symbols(plan)}
@@ -110,7 +110,7 @@ def emit_plan(plan: DiagPlan, version: str) -> str:
         per_state_count[call.state] = n + 1
         prefix = call.state if n == 0 else f"{call.state}{n}"
         names = {}
-        for role in ("query", "key", "value", "log_gate", "log_gate_v"):
+        for role in ("query", "key", "value", "beta", "log_gate", "log_gate_v"):
             expr = getattr(call, role)
             names[role] = None if expr is None else f"{prefix}_{role}"
             if expr is not None:
@@ -130,6 +130,7 @@ def emit_plan(plan: DiagPlan, version: str) -> str:
                       else f"torch.zeros_like({key})"),
             "log_gate": _gate_arg(names["log_gate"], call.gate),
             "log_gate_v": _gate_arg(names["log_gate_v"], "channel"),
+            "beta": _gate_arg(names["beta"], "scalar"),
             "initial_state": (f"initial_states[{state_index[call.state]}]"
                               if call.takes_initial else "None"),
         }
@@ -137,7 +138,7 @@ def emit_plan(plan: DiagPlan, version: str) -> str:
         read_op = "+=" if call.readout in seen else "="
         final_op = "+=" if call.state in seen else "="
         seen.update({call.readout, call.state} if call.gives_final else {call.readout})
-        kernel_name = f"{spec.name}_{call.state}" + (f"_{call.index}" if len(plan.calls) > 1 else "")
+        kernel_name = call.kernel_name(spec.name, len(plan.calls))
         calls.append({**call_fields, "py": py, "read_op": read_op, "final_op": final_op,
                       "kernel_name": kernel_name})
 
@@ -184,10 +185,10 @@ def _arg_order(spec) -> list[str]:
             + [p.name for p in spec.params])
 
 
-def _all_symbols(plan: DiagPlan) -> set[sp.Symbol]:
+def _all_symbols(plan: ChunkPlan) -> set[sp.Symbol]:
     out: set[sp.Symbol] = set()
     for call in plan.calls:
-        for e in (call.query, call.key, call.value, call.log_gate, call.log_gate_v):
+        for e in (call.query, call.key, call.value, call.beta, call.log_gate, call.log_gate_v):
             if e is not None:
                 out |= e.free_symbols
     for r in plan.analysis.readouts:

@@ -1,6 +1,7 @@
 """The chunk plan: which chunk-kernel calls compute a spec, and what feeds them.
 
-For the diagonal family every state is `S_t = diag(e^{g_t}) S_{t-1} diag(e^{gv_t}) +
+Delta-class states map onto one delta-rule chunk call per linear readout (key, beta,
+decay and value read off the analysis). For the diagonal family every state is `S_t = diag(e^{g_t}) S_{t-1} diag(e^{gv_t}) +
 sum_j x_j y_j^T` and every linear readout is `w^T S`. By linearity a state with several
 rank-1 input terms is the sum of one chunk recurrence per term (the initial state rides
 on the first), and each linear readout of a state is one call's output. Everything the
@@ -13,8 +14,8 @@ from dataclasses import dataclass
 
 import sympy as sp
 
-from .analysis import Analysis, LinearReadout, StateForm
-from .symbols import l2norm
+from .analysis import FAMILY, Analysis, LinearReadout, StateForm
+from .symbols import normalize
 
 
 class NoChunkForm(NotImplementedError):
@@ -23,8 +24,13 @@ class NoChunkForm(NotImplementedError):
 
 @dataclass(frozen=True)
 class ChunkCall:
-    """One chunk-kernel invocation: o = w^T S (or S_prev), S driven by outer(x, y)."""
+    """One chunk-kernel invocation: o = w^T S (or S_prev), S driven by outer(x, y).
+
+    kind "diag":  S_t = diag(e^g) S diag(e^gv) + x y^T
+    kind "delta": S_t = (I - beta k k^T) D S + beta k v^T with k = key, v = value
+    """
     index: int
+    kind: str                      # "diag" | "delta"
     state: str
     term: int                      # which rank-1 input term of the state's B_t
     readout: str | None            # placeholder name this call's output binds, if any
@@ -37,10 +43,15 @@ class ChunkCall:
     exclusive: bool                # reads S_{t-1} (readout before the update)
     takes_initial: bool            # the state's initial state enters through this call
     gives_final: bool              # this call's final state is one term of the state's
+    beta: sp.Expr | None = None    # delta: the step size
+
+    def kernel_name(self, spec_name: str, n_calls: int) -> str:
+        """Generated kernels are named after the spec and the state they compute."""
+        return f"{spec_name}_{self.state}" + (f"_{self.index}" if n_calls > 1 else "")
 
 
 @dataclass(frozen=True)
-class DiagPlan:
+class ChunkPlan:
     analysis: Analysis
     calls: tuple[ChunkCall, ...]
 
@@ -49,11 +60,15 @@ class DiagPlan:
         return self.analysis.spec
 
 
-def plan_diagonal(analysis: Analysis) -> DiagPlan:
-    if analysis.family != "diagonal":
+def plan_chunks(analysis: Analysis) -> ChunkPlan:
+    """One or more chunk calls per state; raises NoChunkForm for classes without one."""
+    blocked = [s for s in analysis.states if FAMILY[s.cls] not in ("diagonal", "delta")]
+    if blocked:
+        s = blocked[0]
+        why = f": {s.reason}" if s.reason else ""
         raise NoChunkForm(
-            f"spec `{analysis.spec.name}` is class {analysis.cls}: its chunk kernels are not "
-            "implemented yet; use op.reference(...) meanwhile"
+            f"spec `{analysis.spec.name}` is class {analysis.cls} (state `{s.name}`{why}); "
+            "it has no chunk kernels yet; use op.reference(...) meanwhile"
         )
     calls: list[ChunkCall] = []
     readouts_by_state: dict[str, list[LinearReadout]] = {}
@@ -67,23 +82,52 @@ def plan_diagonal(analysis: Analysis) -> DiagPlan:
         terms = st.inputs or ()
         if not terms:
             raise NoChunkForm(f"state `{st.name}` has no input term (it only decays)")
+        if FAMILY[st.cls] == "delta":
+            calls.extend(_delta_calls(len(calls), st, reads))
+            continue
         for j, term in enumerate(terms):
             for i, lr in enumerate(reads):
                 calls.append(_call(len(calls), st, j, term, lr, first_read=(i == 0)))
-    return DiagPlan(analysis, tuple(calls))
+    return ChunkPlan(analysis, tuple(calls))
+
+
+def _gate(st: StateForm) -> str:
+    if st.cls == "identity" or st.log_gate is None or st.log_gate == 0:
+        return "none"
+    return "channel" if st.gate_per_channel else "scalar"
+
+
+def _delta_calls(start: int, st: StateForm, reads) -> list[ChunkCall]:
+    if len(st.inputs) != 1:
+        raise NoChunkForm(f"delta state `{st.name}` has {len(st.inputs)} input terms; the delta "
+                          "kernels take one, beta * outer(k, v)")
+    (term,) = st.inputs
+    # the write must use the same key and step size as the erase: x = beta * k
+    ratio = sp.simplify(term.x / (st.delta_beta * st.delta_key))
+    if ratio.free_symbols or ratio == 0:
+        raise NoChunkForm(f"delta state `{st.name}` writes outer({term.x}, ...) but erases along "
+                          f"{st.delta_key} with beta {st.delta_beta}; the delta kernels need "
+                          "the write to be beta * outer(k, v)")
+    if any(lr is not None and lr.version == "t-1" for lr in reads):
+        raise NoChunkForm(f"a readout of delta state `{st.name}` reads the previous state; "
+                          "the delta kernels read after the update")
+    gate = _gate(st)
+    calls = []
+    for i, lr in enumerate(reads):
+        calls.append(ChunkCall(
+            index=start + i, kind="delta", state=st.name, term=0,
+            readout=lr.placeholder.name if lr else None, query=lr.query if lr else None,
+            key=st.delta_key, value=normalize(ratio * term.y), beta=st.delta_beta,
+            log_gate=st.log_gate if gate != "none" else None, gate=gate, log_gate_v=None,
+            exclusive=False, takes_initial=(i == 0), gives_final=(i == 0),
+        ))
+    return calls
 
 
 def _call(index: int, st: StateForm, j: int, term, lr: LinearReadout | None, first_read: bool):
-    if st.cls == "identity":
-        gate = "none"
-    elif st.gate_per_channel:
-        gate = "channel"
-    elif st.log_gate is not None:
-        gate = "scalar"
-    else:
-        gate = "none"
+    gate = _gate(st)
     return ChunkCall(
-        index=index, state=st.name, term=j,
+        index=index, kind="diag", state=st.name, term=j,
         readout=lr.placeholder.name if lr else None,
         query=lr.query if lr else None,
         key=term.x, value=term.y,
@@ -93,7 +137,3 @@ def _call(index: int, st: StateForm, j: int, term, lr: LinearReadout | None, fir
         takes_initial=first_read and j == 0,
         gives_final=first_read,
     )
-
-
-def uses_l2norm(exprs) -> bool:
-    return any(e is not None and e.has(l2norm) for e in exprs)

@@ -102,29 +102,34 @@ class CompiledOp:
         """The generated PyTorch plan module (raises NoChunkForm for classes without one)."""
         from .. import __version__
         from ..codegen.emit_torch import emit_plan
-        from ..codegen.plan import plan_diagonal
+        from ..codegen.plan import plan_chunks
 
-        return emit_plan(plan_diagonal(self.analysis), __version__)
+        return emit_plan(plan_chunks(self.analysis), __version__)
 
     def sources(self) -> dict[str, str]:
         """Every generated source of this op by file name: the plan module, one Triton
         kernel module per chunk call, and a manifest saying which is which."""
         import json
 
-        from ..codegen.chunk_diag import DiagKernelSpec, render
-        from ..codegen.plan import plan_diagonal
+        from ..codegen import chunk_delta, chunk_diag
+        from ..codegen.plan import plan_chunks
 
-        plan = plan_diagonal(self.analysis)
+        plan = plan_chunks(self.analysis)
         files = {f"{self.name}_plan.py": self.plan_source()}
-        kernels = {}
+        kernels: dict[str, dict] = {"diag": {}, "delta": {}}
         for call in plan.calls:
-            name = f"{self.name}_{call.state}" + (f"_{call.index}" if len(plan.calls) > 1 else "")
-            kernel = DiagKernelSpec(name=name, gate=call.gate, vgate=call.log_gate_v is not None,
-                                    exclusive=call.exclusive)
-            files[f"{name}_kernels.py"] = render(kernel)
-            kernels[f"{name}_kernels.py"] = kernel.__dict__
-        files["manifest.json"] = json.dumps(
-            {"plan": f"{self.name}_plan.py", "diag_kernels": kernels}, indent=2, sort_keys=True)
+            name = call.kernel_name(self.name, len(plan.calls))
+            if call.kind == "delta":
+                kernel = chunk_delta.DeltaKernelSpec(name=name, gate=call.gate)
+                files[f"{name}_kernels.py"] = chunk_delta.render(kernel)
+            else:
+                kernel = chunk_diag.DiagKernelSpec(name=name, gate=call.gate,
+                                                   vgate=call.log_gate_v is not None,
+                                                   exclusive=call.exclusive)
+                files[f"{name}_kernels.py"] = chunk_diag.render(kernel)
+            kernels[call.kind][f"{name}_kernels.py"] = kernel.__dict__
+        files["manifest.json"] = json.dumps({"plan": f"{self.name}_plan.py", "kernels": kernels},
+                                            indent=2, sort_keys=True)
         return files
 
     @property
@@ -154,9 +159,7 @@ class CompiledOp:
 
         import torch
 
-        from ..codegen.chunk_diag import DiagKernelSpec
         from .cache import KernelCache, cache_key
-        from .chunk_diag_op import register_kernels
         from .loader import load_module
 
         device = torch.device(device)
@@ -165,13 +168,28 @@ class CompiledOp:
             entry = KernelCache().get_or_build(cache_key(parts), parts, self.sources,
                                                spec_name=self.name)
             manifest = json.loads(entry.files["manifest.json"].read_text())
-            for file, fields in manifest["diag_kernels"].items():
-                module = load_module(entry.files[file].read_text(), file[:-3], entry.path)
-                register_kernels(DiagKernelSpec(**fields), module)
+            for kind, kernels in manifest["kernels"].items():
+                for file, fields in kernels.items():
+                    module = load_module(entry.files[file].read_text(), file[:-3], entry.path)
+                    register_kernels(kind, fields, module)
             plan = manifest["plan"]
             self._plan_modules[device] = load_module(entry.files[plan].read_text(), plan[:-3],
                                                      entry.path)
         return self._plan_modules[device]
+
+
+def register_kernels(kind: str, fields: dict, module) -> None:
+    """Hand a kernel module loaded from the cache to the chunk op that runs it."""
+    if kind == "delta":
+        from ..codegen.chunk_delta import DeltaKernelSpec
+        from .chunk_delta_op import ChunkDeltaFunction
+
+        ChunkDeltaFunction.modules[DeltaKernelSpec(**fields)] = module
+    else:
+        from ..codegen.chunk_diag import DiagKernelSpec
+        from .chunk_diag_op import register_kernels as register_diag
+
+        register_diag(DiagKernelSpec(**fields), module)
 
 
 def _stream_dtype(tensors):

@@ -1,0 +1,268 @@
+"""chunk_delta (delta-rule family), both backends, against an fp64 per-token loop.
+
+The golden model below is written independently of the chunk code: it runs the recurrence
+one token at a time in fp64 and gets its gradients from autograd. Errors are relative RMS,
+||a - b|| / ||b||. Triton runs in its interpreter here (conftest.py), with outputs and
+intermediate buffers NaN-poisoned so that any element no kernel wrote shows up.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attnc.codegen.chunk_delta import DeltaKernelSpec, chunk_delta_torch, render
+from attnc.runtime.chunk_delta_op import ChunkDeltaFunction, chunk_delta
+
+FP32_TOLERANCE = 1e-4
+BF16_TOLERANCE = 2e-2
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def naive_recurrence(q, k, v, beta, g, h0, cu_seqlens):
+    """fp64 per-token loop: S_t = (I - beta_t k_t k_t^T) D_t S_{t-1} + beta_t k_t v_t^T,
+    o_t = q_t^T S_t, D_t = exp(g_t) (scalar or per key channel). Returns (o, final states)."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    if cu_seqlens is None:
+        spans = [(b, 0, T) for b in range(B)]
+    else:
+        bounds = cu_seqlens.tolist()
+        spans = [(0, bos, eos) for bos, eos in zip(bounds[:-1], bounds[1:])]
+    pieces, finals = [], []
+    for n, (b, bos, eos) in enumerate(spans):
+        state = h0[n].double() if h0 is not None else torch.zeros(H, K, V, dtype=torch.float64)
+        rows = [torch.zeros(0, H, V, dtype=torch.float64)]
+        for t in range(bos, eos):
+            if g is not None:
+                decay = g[b, t].double().exp()
+                state = state * (decay[:, :, None] if g.dim() == 4 else decay[:, None, None])
+            key, value, rate = k[b, t].double(), v[b, t].double(), beta[b, t].double()
+            erase = torch.eye(K, dtype=torch.float64) - rate[:, None, None] * key[:, :, None] * key[:, None, :]
+            state = erase @ state + rate[:, None, None] * key[:, :, None] * value[:, None, :]
+            rows.append(torch.einsum("hk,hkv->hv", q[b, t].double(), state)[None])
+        pieces.append(torch.cat(rows))
+        finals.append(state)
+    outputs = torch.stack(pieces) if cu_seqlens is None else torch.cat(pieces)[None]
+    return outputs, torch.stack(finals)
+
+
+def rel_rms(actual, expected):
+    """||a - b|| / ||b||; the absolute ||a|| when b is exactly zero (e.g. the gate gradient
+    of a single token read from a zero state)."""
+    actual, expected = actual.double(), expected.double()
+    if expected.norm() == 0:
+        return actual.norm().item()
+    return ((actual - expected).norm() / expected.norm()).item()
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    gate: str = "none"            # none | scalar | channel
+    T: int = 64
+    K: int = 16
+    V: int = 32
+    B: int = 1
+    H: int = 2
+    h0: bool = True
+    final: bool = True
+    dtype: torch.dtype = torch.float32
+    seqlens: tuple[int, ...] | None = None   # varlen: sequence lengths packed along T
+    beta: tuple[float, float] = (0.0, 1.0)   # beta drawn uniformly from this range
+    gates: str = "mixed"          # mixed: mostly mild decays | strong: -20 on half the entries
+    chunk_size: int = 64
+
+    def __str__(self):
+        parts = [self.gate, f"T{self.T}", f"K{self.K}V{self.V}", f"B{self.B}H{self.H}",
+                 "h0" if self.h0 else "", "ht" if self.final else "",
+                 "bf16" if self.dtype == torch.bfloat16 else "",
+                 f"varlen{list(self.seqlens)}" if self.seqlens else "",
+                 f"beta{self.beta[0]:g}-{self.beta[1]:g}" if self.beta != (0.0, 1.0) else "",
+                 self.gates if self.gates != "mixed" else "", f"C{self.chunk_size}" if self.chunk_size != 64 else ""]
+        return "-".join(p for p in parts if p)
+
+
+CASES = [
+    Case("none", T=1, K=16, V=32),
+    Case("none", T=17, K=32, V=16, h0=False),
+    Case("none", T=200, K=64, V=64, final=False, beta=(0.99, 1.0)),
+    Case("scalar", T=64, K=64, V=64, B=2, H=1, final=False),
+    Case("scalar", T=100, K=16, V=32, beta=(0.0, 0.01)),
+    Case("scalar", T=17, K=32, V=16, h0=False, beta=(0.0, 2.0)),
+    Case("channel", T=100, K=32, V=16),
+    Case("channel", T=1, K=32, V=16, h0=False, final=False),
+    Case("channel", T=40, K=16, V=32, B=2, H=1, beta=(0.99, 1.0)),
+    Case("channel", T=17, K=64, V=64, H=1, beta=(0.0, 0.01)),
+    # sizes that are not powers of two, and a smaller chunk
+    Case("channel", T=40, K=48, V=24, H=1),
+    Case("scalar", T=100, K=48, V=16, chunk_size=32),
+    # varlen: three sequences of unequal lengths, chunks never crossing a boundary
+    Case("none", T=104, H=1, seqlens=(23, 1, 80)),
+    Case("scalar", T=104, H=1, seqlens=(80, 23, 1), final=False),
+    Case("channel", T=104, H=1, seqlens=(1, 80, 23), h0=False),
+    # bf16 inputs
+    Case("scalar", T=100, K=32, V=16, dtype=torch.bfloat16),
+    Case("channel", T=64, K=16, V=32, dtype=torch.bfloat16),
+    # long sequences: strong gates (no inf/NaN, still accurate) and moderate ones
+    Case("scalar", T=512, K=16, V=16, H=1, gates="strong"),
+    Case("channel", T=512, K=16, V=16, H=1, gates="strong"),
+    Case("scalar", T=512, K=16, V=16, H=1, gates="moderate", final=False),
+]
+
+
+def make_inputs(case: Case):
+    B, T, H, K, V = case.B, case.T, case.H, case.K, case.V
+    if case.seqlens:
+        B = 1
+        assert sum(case.seqlens) == T
+    N = len(case.seqlens) if case.seqlens else B
+
+    def log_gate(*shape):
+        if case.gates == "moderate":
+            # slow decays: states keep hundreds of tokens
+            return -0.05 * torch.rand(*shape)
+        # log-sigmoid of shifted normals: decays mostly mild, some strong
+        gate = F.logsigmoid(torch.randn(*shape) + 1.5)
+        if case.gates == "strong":
+            gate = torch.where(torch.rand(*shape) < 0.5, torch.full_like(gate, -20.0), gate)
+        return gate
+
+    q = (torch.randn(B, T, H, K) / K ** 0.5).to(case.dtype)
+    k = F.normalize(torch.randn(B, T, H, K), dim=-1).to(case.dtype)
+    v = torch.randn(B, T, H, V).to(case.dtype)
+    low, high = case.beta
+    beta = (low + (high - low) * torch.rand(B, T, H)).to(case.dtype)
+    g = {"none": None, "scalar": log_gate(B, T, H), "channel": log_gate(B, T, H, K)}[case.gate]
+    h0 = torch.randn(N, H, K, V) if case.h0 else None
+    cu_seqlens = None
+    if case.seqlens:
+        cu_seqlens = torch.tensor([0, *torch.tensor(case.seqlens).cumsum(0).tolist()], dtype=torch.int32)
+    return tuple(None if x is None else x.to(DEVICE) for x in (q, k, v, beta, g, h0, cu_seqlens))
+
+
+def run_and_differentiate(fn, inputs, do, dht):
+    """(o, ht, grads of q, k, v, beta, g, h0) for a random cotangent on o and on ht."""
+    leaves = [None if x is None else x.detach().clone().requires_grad_() for x in inputs[:6]]
+    o, ht = fn(*leaves, inputs[6])
+    loss = (o.double() * do).sum()
+    if dht is not None:
+        loss = loss + (ht.double() * dht).sum()
+    wrt = [x for x in leaves if x is not None]
+    grads = iter(torch.autograd.grad(loss, wrt))
+    return o, ht, [None if x is None else next(grads) for x in leaves]
+
+
+@pytest.fixture(scope="module")
+def golden_results():
+    """fp64 results per case, shared by both backends (the loop is the slow part)."""
+    return {}
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_matches_naive_recurrence(case: Case, backend: str, golden_results):
+    torch.manual_seed(zlib.crc32(str(case).encode()))  # same inputs for both backends
+    inputs = make_inputs(case)
+    if case not in golden_results:
+        ref_o, ref_ht = naive_recurrence(*[None if x is None else x.double() for x in inputs[:6]], inputs[6])
+        do = torch.randn_like(ref_o)
+        dht = torch.randn_like(ref_ht) if case.final else None
+        golden_results[case] = (do, dht, run_and_differentiate(naive_recurrence, inputs, do, dht))
+    do, dht, (ref_o, ref_ht, ref_grads) = golden_results[case]
+
+    def under_test(q, k, v, beta, g, h0, cu_seqlens):
+        return chunk_delta(q, k, v, beta, g, h0, cu_seqlens, output_final_state=case.final,
+                           chunk_size=case.chunk_size, backend=backend, input_precision="ieee", poison=True)
+
+    o, ht, grads = run_and_differentiate(under_test, inputs, do, dht)
+
+    tolerance = BF16_TOLERANCE if case.dtype == torch.bfloat16 else FP32_TOLERANCE
+    assert o.dtype == torch.float32 and o.shape == ref_o.shape
+    assert torch.isfinite(o).all(), "o has NaN/inf (unwritten or overflowed elements)"
+    assert rel_rms(o, ref_o) <= tolerance, f"o: rel RMS {rel_rms(o, ref_o):.2e}"
+    if case.final:
+        assert ht is not None and ht.dtype == torch.float32 and torch.isfinite(ht).all()
+        assert rel_rms(ht, ref_ht) <= tolerance, f"ht: rel RMS {rel_rms(ht, ref_ht):.2e}"
+    else:
+        assert ht is None
+    for label, grad, ref, x in zip(("q", "k", "v", "beta", "g", "h0"), grads, ref_grads, inputs):
+        if x is None:
+            assert grad is None
+            continue
+        assert grad.shape == x.shape and grad.dtype == x.dtype, label
+        assert torch.isfinite(grad).all(), f"d{label} has NaN/inf"
+        err = rel_rms(grad, ref)
+        assert err <= tolerance, f"d{label}: rel RMS {err:.2e} > {tolerance}"
+
+
+def test_launchers_return_fp32_grads_shaped_like_inputs():
+    """The launchers themselves (not through autograd): shapes, dtypes, Nones, no dht."""
+    case = Case("channel", T=33, K=16, V=16, h0=False, dtype=torch.bfloat16)
+    q, k, v, beta, g, h0, cu_seqlens = make_inputs(case)
+    module = ChunkDeltaFunction.module_for(DeltaKernelSpec("delta", "channel"))
+    o, ht = module.forward(q, k, v, beta, g, None, None, False, poison=True)
+    assert o.dtype == torch.float32 and o.shape == v.shape and ht is None
+    grads = module.backward(q, k, v, beta, g, None, None, torch.randn_like(o), None, poison=True)
+    for grad, x in zip(grads[:5], (q, k, v, beta, g)):
+        assert grad.shape == x.shape and grad.dtype == torch.float32 and torch.isfinite(grad).all()
+    assert grads[5] is None
+
+
+def test_gradient_of_final_state_alone():
+    """Only ht is used: the op's backward gets no gradient for o."""
+    case = Case("scalar", T=40, K=16, V=16, H=1)
+    inputs = make_inputs(case)
+    leaves = [x.detach().clone().requires_grad_() for x in inputs[:6]]
+    _, ht = chunk_delta(*leaves, output_final_state=True, input_precision="ieee", poison=True)
+    grads = torch.autograd.grad(ht.square().sum(), leaves)
+    ref_leaves = [x.detach().double().requires_grad_() for x in inputs[:6]]
+    _, ref_ht = naive_recurrence(*ref_leaves, None)
+    # q does not reach the final state: its gradient is zero
+    ref_grads = torch.autograd.grad(ref_ht.square().sum(), ref_leaves, allow_unused=True, materialize_grads=True)
+    for label, grad, ref in zip(("q", "k", "v", "beta", "g", "h0"), grads, ref_grads):
+        assert rel_rms(grad, ref) <= FP32_TOLERANCE, label
+
+
+@pytest.mark.parametrize("gate", ["none", "scalar", "channel"])
+def test_render_names_kernels_and_reads_like_code(gate):
+    spec = DeltaKernelSpec("kda" if gate == "channel" else "gdn", gate)
+    source = render(spec)
+    compile(source, f"<{spec.name}>", "exec")
+    kernels = re.findall(r"^def (\w+)\(", source, flags=re.M)
+    for suffix in ("intra_scores", "wy_solve", "chunk_state_fwd", "chunk_output_fwd",
+                   "chunk_state_bwd", "chunk_bwd_wy", "chunk_bwd_intra"):
+        assert f"{spec.name}_{suffix}" in kernels
+    assert (f"{spec.name}_gate_cumsum" in kernels) == (gate != "none")
+    assert "{{" not in source and "{%" not in source
+    assert "\n\n\n\n" not in source, "template whitespace leaks into the generated code"
+    assert not re.search(r"^ +$", source, flags=re.M), "blank lines with trailing spaces"
+
+
+def test_spec_and_input_errors_name_the_culprit():
+    with pytest.raises(ValueError, match="gate='per_head'"):
+        DeltaKernelSpec("x", gate="per_head")
+    with pytest.raises(ValueError, match="not a Python identifier"):
+        DeltaKernelSpec("my kernel")
+    q = torch.randn(1, 8, 2, 16)
+    beta = torch.rand(1, 8, 2)
+    with pytest.raises(ValueError, match=r"g has shape \(1, 8, 3\)"):
+        chunk_delta(q, q, q, beta, torch.zeros(1, 8, 3), output_final_state=False)
+    with pytest.raises(ValueError, match=r"beta has shape \(1, 8\)"):
+        chunk_delta(q, q, q, beta[..., 0], output_final_state=False)
+    with pytest.raises(ValueError, match="backend='cuda'"):
+        chunk_delta(q, q, q, beta, output_final_state=False, backend="cuda")
+
+
+def test_torch_backend_varlen_equals_batched():
+    """Varlen with equal lengths equals the batched path (the torch path loops only for varlen)."""
+    case = Case("channel", T=40, B=3)
+    q, k, v, beta, g, h0, _ = make_inputs(case)
+    o, ht = chunk_delta_torch(q, k, v, beta, g, h0, None, True)
+    flat = [x.flatten(0, 1)[None] for x in (q, k, v, beta, g)]
+    cu = torch.tensor([0, 40, 80, 120], dtype=torch.int32)
+    o2, ht2 = chunk_delta_torch(*flat, h0, cu, True)
+    assert torch.allclose(o.flatten(0, 1)[None], o2, atol=1e-5) and torch.allclose(ht, ht2, atol=1e-5)
