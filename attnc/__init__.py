@@ -3,7 +3,11 @@
     op = attnc.load("gla")                 # or attnc.compile("my_variant.attn")
     o, final_state = op(q=q, k=k, v=v, g=g, output_final_state=True)
 """
-from .dsl.errors import SpecError
+from .runtime.settings import apply_process_settings
+
+apply_process_settings()
+
+from .dsl.errors import SpecError  # noqa: E402
 from .runtime.compiler import compile, load, shipped_specs  # noqa: A004
 
 __version__ = "0.1.0"

@@ -14,7 +14,6 @@ KNOBS = {
     "ATTNC_CACHE_DIR": (Path, None, "kernel and config cache (default: the user cache dir)"),
     "ATTNC_DUMP_DIR": (Path, None, "also write every generated kernel source here"),
     "ATTNC_INTERPRET": (bool, None, "run Triton kernels in the interpreter (default: TRITON_INTERPRET)"),
-    "ATTNC_AUTOTUNE": (str, "fast", "autotuning: off | fast | full"),
     "ATTNC_LOG_LEVEL": (str, "WARNING", "logging level of the `attnc` logger"),
     "ATTNC_POISON": (bool, False, "NaN-fill kernel outputs before kernels write them (tests)"),
 }
@@ -25,9 +24,11 @@ class Settings:
     cache_dir: Path
     dump_dir: Path | None
     interpret: bool
-    autotune: str
     log_level: str
     poison: bool
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def _bool(text: str) -> bool:
@@ -43,15 +44,31 @@ def settings() -> Settings:
         cache = platformdirs.user_cache_dir("attnc")
     interp = env.get("ATTNC_INTERPRET")
     interpret = _bool(interp) if interp else _bool(env.get("TRITON_INTERPRET", "0"))
-    autotune = env.get("ATTNC_AUTOTUNE", "fast").strip().lower()
-    if autotune not in ("off", "fast", "full"):
-        raise ValueError(f"ATTNC_AUTOTUNE={autotune!r}: expected one of off, fast, full")
     dump = env.get("ATTNC_DUMP_DIR")
     return Settings(
         cache_dir=Path(cache),
         dump_dir=Path(dump) if dump else None,
         interpret=interpret,
-        autotune=autotune,
-        log_level=env.get("ATTNC_LOG_LEVEL", "WARNING").upper(),
+        log_level=_log_level(env.get("ATTNC_LOG_LEVEL", "WARNING")),
         poison=_bool(env.get("ATTNC_POISON", "0")),
     )
+
+
+def _log_level(text: str) -> str:
+    level = text.strip().upper()
+    if level not in LOG_LEVELS:
+        raise ValueError(f"ATTNC_LOG_LEVEL={text!r}: expected one of {', '.join(LOG_LEVELS)}")
+    return level
+
+
+def apply_process_settings() -> None:
+    """Once, when attnc is imported: the `attnc` logger's level, and Triton's interpreter
+    when ATTNC_INTERPRET asks for it (Triton reads TRITON_INTERPRET at its own import,
+    so this only takes effect if triton is not imported yet)."""
+    import logging
+    import sys
+
+    config = settings()
+    logging.getLogger("attnc").setLevel(config.log_level)
+    if config.interpret and "triton" not in sys.modules:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
