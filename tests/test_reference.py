@@ -380,9 +380,11 @@ def test_every_spec_varlen_equals_separate_sequences(name):
 
 
 def test_reference_is_fast_enough():
+    """The oracle runs in every kernel test: T = 200 with K = V = 64 must take well under a
+    second. CPU time of this process, so other processes on the machine do not count."""
     spec = load("gated_deltanet")
     bound = bind(spec, gated_deltanet_args(2, 200, 4, 4, 64, 64))
     reference(spec, bind(spec, gated_deltanet_args(1, 2, 1, 1, 8, 8)))  # warm-up
-    start = time.perf_counter()
+    start = time.process_time()
     reference(spec, bound, output_final_state=True)
-    assert time.perf_counter() - start < 1.0
+    assert time.process_time() - start < 1.0
