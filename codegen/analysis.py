@@ -425,7 +425,7 @@ class _Interpreter:
             const += self.dot(x, u) * y
         if m.mask is not None:
             raise NotAffine("a vector times a general matrix")
-        return LinVec(tuple(reads), const, m.shape[1] if m.shape else None)
+        return LinVec(tuple(reads), const, m.shape[1] if len(m.shape) == 2 else None)
 
     def dot(self, x: sp.Expr, y: sp.Expr) -> sp.Expr:
         return dot(*sorted((x, y), key=sp.default_sort_key))
@@ -449,7 +449,8 @@ class _Interpreter:
         if key not in table:
             name = f"_read{len(table)}"
             sym = symbol(name)
-            self.shapes[name] = (self.spec.state(s.name).shape[-1],)
+            state_shape = self.spec.state(s.name).shape
+            self.shapes[name] = state_shape[-1:] if len(state_shape) == 2 else ()
             table[key] = LinearReadout(sym, wv, s.name, s.version)
         return scale * table[key].placeholder
 
@@ -536,6 +537,11 @@ def _readout_form(interp: _Interpreter, stmt: ir.Statement, value: Value) -> Rea
 
 
 def _classify(interp: _Interpreter, st: ir.State, value: MatVal, broken: str | None) -> StateForm:
+    if len(st.shape) == 1:
+        return StateForm(st.name, st.shape, "other", "?", (),
+                         reason="it is a vector state; those run on the recurrent kernel for "
+                                "now (a normaliser could ride in a chunk kernel as a column "
+                                "of ones: not implemented yet)")
     if broken:
         return StateForm(st.name, st.shape, "other", "?", (),
                          reason=f"not affine in its state: {broken}")
@@ -546,8 +552,6 @@ def _classify(interp: _Interpreter, st: ir.State, value: MatVal, broken: str | N
 
     if value.mask is not None:
         return other("its update adds a general (not rank-1) matrix")
-    if len(st.shape) == 1:
-        return other("vector states are run by the recurrent kernel for now")
 
     foreign = [t for t in value.terms if t.state.name != st.name]
     if foreign:
@@ -617,7 +621,11 @@ def _classify(interp: _Interpreter, st: ir.State, value: MatVal, broken: str | N
                          gate_per_channel=interp.dim_of(l) is not None,
                          delta_key=kappa, delta_beta=beta, **common)
     return StateForm(cls="dplr", log_gate=None if l == 0 else normalize(take_log(l)),
-                     gate_per_channel=interp.dim_of(l) is not None, dplr=(x, y), **common)
+                     gate_per_channel=interp.dim_of(l) is not None, dplr=(x, y),
+                     reason=f"its transition adds the rank-1 term outer({_s(x)}, ({_s(y)}) @ "
+                            f"{st.name}), which is not a delta-rule erase of the decayed state "
+                            "(diagonal plus low rank: no chunk kernels for dplr yet)",
+                     **common)
 
 
 def _canonical_gate(l: sp.Expr) -> sp.Expr:

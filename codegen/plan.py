@@ -66,10 +66,7 @@ def plan_chunks(analysis: Analysis) -> ChunkPlan:
     if blocked:
         s = blocked[0]
         why = f": {s.reason}" if s.reason else ""
-        raise NoChunkForm(
-            f"spec `{analysis.spec.name}` is class {analysis.cls} (state `{s.name}`{why}); "
-            "it has no chunk kernels yet; use op.reference(...) meanwhile"
-        )
+        raise NoChunkForm(f"`{analysis.spec.name}` is class {analysis.cls}: state `{s.name}`{why}")
     calls: list[ChunkCall] = []
     readouts_by_state: dict[str, list[LinearReadout]] = {}
     for r in analysis.readouts:

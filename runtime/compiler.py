@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from importlib import resources
+import warnings
 from pathlib import Path
 
 from ..codegen.analysis import Analysis, analyse
@@ -54,10 +55,33 @@ def compile(source: str | Path) -> CompiledOp:  # noqa: A001 - the public verb
     return compile_spec(spec)
 
 
+class NotChunkParallelWarning(UserWarning):
+    """The spec compiles to the fused recurrent kernel: correct, but sequential in T."""
+
+
 def compile_spec(spec: ir.Spec) -> CompiledOp:
     """The steps after a front end: turn a checked spec into an op."""
     analysis: Analysis = analyse(spec)  # compose and classify each state
-    return CompiledOp(spec, analysis)
+    op = CompiledOp(spec, analysis)
+    if op.no_chunk_form is not None:
+        warnings.warn(f"{op.no_chunk_form}. It is not chunk-parallel: it runs on the fused "
+                      "recurrent kernel (sequential in T)", NotChunkParallelWarning,
+                      stacklevel=_caller_level())
+    return op
+
+
+def _caller_level() -> int:
+    """The stacklevel of the first frame outside attnc, so a warning names user code."""
+    import sys
+
+    from .. import codegen, dsl, runtime
+
+    packages = (codegen, dsl, runtime, sys.modules["attnc"])
+    ours = tuple(str(Path(m.__file__).parent) for m in packages)
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(ours):
+        level, frame = level + 1, frame.f_back
+    return level
 
 
 def recurrence(fn) -> CompiledOp:

@@ -56,21 +56,17 @@ class CompiledOp:
         """Run the generated kernels. `backend`: "triton" (default on CUDA, or on the CPU
         when Triton's interpreter is on) or "torch" (the plan in plain PyTorch).
         `precision`: tl.dot precision for fp32 operands on a GPU ("tf32" or "ieee")."""
-        import torch
-
         from .binding import bind, expand_heads
-        from .settings import settings
 
         if chunk_size < 16 or chunk_size & (chunk_size - 1):
             raise ValueError(f"chunk_size must be a power of two >= 16, got {chunk_size}")
         if precision not in ("tf32", "ieee"):
             raise ValueError(f"precision must be 'tf32' or 'ieee', got {precision!r}")
         bound = bind(self.spec, kwargs, initial_state=initial_state, cu_seqlens=cu_seqlens)
-        if backend is None:
-            use_triton = bound.device.type == "cuda" or settings().interpret
-            backend = "triton" if use_triton else "torch"
-        elif backend not in ("triton", "torch"):
-            raise ValueError(f"backend must be 'triton' or 'torch', got {backend!r}")
+        backend = self._backend(bound, backend)
+        dtype = _stream_dtype(bound.inputs.values())
+        if self.no_chunk_form is not None:
+            return self._recurrent_call(bound, output_final_state, backend, dtype)
         module = self.plan_module(bound.device)
 
         H = bound.H
@@ -82,7 +78,6 @@ class CompiledOp:
             x = bound.weights[w.name].float()
             values[w.name] = x.reshape(1, 1, H, -1) if len(w.shape) <= 1 else x[None, None]
         values.update(bound.params)
-        dtype = _stream_dtype(bound.inputs.values())
         states_in = bound.initial_states or (None,) * len(self.spec.states)
         states_in = tuple(None if s is None else s.float() for s in states_in)
 
@@ -97,6 +92,95 @@ class CompiledOp:
             for name, o in zip(self.spec.outputs, outputs)
         )
         return _unwrap(outputs), (_unwrap(states) if states is not None else None)
+
+    @property
+    def no_chunk_form(self) -> str | None:
+        """Why the spec has no chunk kernels (it then runs on the recurrent kernel), or None."""
+        from ..codegen.plan import NoChunkForm, plan_chunks
+
+        if not hasattr(self, "_no_chunk_form"):
+            try:
+                plan_chunks(self.analysis)
+                self._no_chunk_form = None
+            except NoChunkForm as why:
+                self._no_chunk_form = str(why)
+        return self._no_chunk_form
+
+    def _recurrent_call(self, bound, output_final_state, backend, dtype):
+        """Specs with no chunk form: the fused recurrent kernels (sequential in T), or on
+        the "torch" backend the reference recurrence in fp64."""
+        if backend == "triton":
+            from .recurrent_op import recurrent
+
+            outputs, states = recurrent(self.spec, bound, output_final_state=output_final_state)
+        else:
+            from ..codegen.reference import reference
+
+            outputs, states = reference(self.spec, bound, output_final_state=output_final_state)
+            outputs = tuple(o.to(dtype) for o in outputs)
+            states = None if states is None else tuple(s.float() for s in states)
+        return _unwrap(outputs), (_unwrap(states) if states is not None else None)
+
+    def step(self, *, state, inplace: bool = False, state_indices=None, cu_seqlens=None,
+             backend: str | None = None, **kwargs):
+        """Decode T = 1..64 new tokens against cached fp32 states; returns (o, new_state).
+
+        state: the cached states [N, H, *dims] (a tuple when the spec has several), or a
+        pool [P, H, *dims] with `state_indices` (int [N]) naming each sequence's row.
+        inplace: write the new states into `state`. Runs the spec's fused recurrent
+        kernel ("triton") or the reference recurrence ("torch"); no autograd."""
+        import torch
+
+        from .binding import bind
+
+        bound = bind(self.spec, kwargs, cu_seqlens=cu_seqlens)
+        backend = self._backend(bound, backend)
+        states = (state,) if isinstance(state, torch.Tensor) else tuple(state)
+        if backend == "triton":
+            from .recurrent_op import step
+
+            outputs, new_states = step(self.spec, bound, states, inplace=inplace,
+                                       state_indices=state_indices)
+            return _unwrap(outputs), _unwrap(new_states)
+        return self._reference_step(bound, states, inplace, state_indices)
+
+    def _reference_step(self, bound, states, inplace, state_indices):
+        import dataclasses
+
+        import torch
+
+        from ..codegen.reference import reference
+
+        if len(states) != len(self.spec.states):
+            raise ValueError(f"{self.name}: expected {len(self.spec.states)} state tensor(s), "
+                             f"got {len(states)}")
+        rows = state_indices.long() if state_indices is not None else slice(None)
+        picked = tuple(s[rows].float() for s in states)
+        with torch.no_grad():
+            outputs, finals = reference(self.spec, dataclasses.replace(bound, initial_states=picked),
+                                        output_final_state=True)
+        dtype = _stream_dtype(bound.inputs.values())
+        outputs = tuple(o.to(dtype) for o in outputs)
+        if inplace:
+            for s, f in zip(states, finals):
+                s[rows] = f.to(s.dtype)
+            return _unwrap(outputs), _unwrap(states)
+        if state_indices is not None:
+            pools = tuple(s.float().clone() for s in states)
+            for pool, f in zip(pools, finals):
+                pool[rows] = f.float()
+            return _unwrap(outputs), _unwrap(pools)
+        return _unwrap(outputs), _unwrap(tuple(f.float() for f in finals))
+
+    def _backend(self, bound, backend):
+        from .settings import settings
+
+        if backend is None:
+            use_triton = bound.device.type == "cuda" or settings().interpret
+            return "triton" if use_triton else "torch"
+        if backend not in ("triton", "torch"):
+            raise ValueError(f"backend must be 'triton' or 'torch', got {backend!r}")
+        return backend
 
     def plan_source(self) -> str:
         """The generated PyTorch plan module (raises NoChunkForm for classes without one)."""
