@@ -115,13 +115,6 @@ def test_bad_arguments_raise_value_errors():
         op(q=q[:1], k=q, v=q, g=q, cu_seqlens=torch.tensor([0, 5, 3, 8]))
 
 
-def test_class_without_chunk_form_says_so():
-    op = attnc.load("mamba1")
-    x = torch.randn(1, 8, 1, 16)
-    with pytest.raises(NotImplementedError, match="class other .*elementwise"):
-        op(C=x, B=x, x=x, dt=x, A_log=torch.randn(1, 16, 16), dt_bias=torch.randn(1, 16),
-           D=torch.randn(1, 16))
-
 ZOO = """
 attention zoo
   dims    K, V
