@@ -2,7 +2,7 @@
 
     python bench/bench.py                      # standard shapes, writes bench/results/<device>.md
     python bench/bench.py --quick              # one shape, fewer variants
-    python bench/bench.py --smoke              # CPU smoke test of the harness (tiny shapes)
+    python bench/bench.py --smoke --out DIR    # CPU smoke test of the harness (tiny shapes)
 
 Timings are medians of triton.testing.do_bench on random bf16 inputs (never zeros), all
 variants timed in the same process, side by side. Each forward's "floor" is the bytes
@@ -11,9 +11,13 @@ of its inputs and outputs read/written once, over the measured device copy bandw
 from __future__ import annotations
 
 import argparse
+import os
 import platform
+import subprocess
 import sys
+import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -31,14 +35,28 @@ FLA_TWINS = {
 
 
 def _median_ms(fn, warmup=25, rep=100) -> float:
+    """Median milliseconds of fn: triton's do_bench on a GPU (L2 flushed between runs),
+    a plain perf_counter median on the CPU (smoke runs only: those numbers mean nothing)."""
+    if not torch.cuda.is_available():
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return sorted(times)[1]
     import triton.testing
 
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
 
 
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def copy_bandwidth(device) -> float:
     """Bytes per second of a device-to-device copy (read + write counted)."""
-    x = torch.empty(512 * 2**20, dtype=torch.uint8, device=device)
+    x = torch.empty((512 if device == "cuda" else 16) * 2**20, dtype=torch.uint8, device=device)
     y = torch.empty_like(x)
     ms = _median_ms(lambda: y.copy_(x))
     return 2 * x.numel() / (ms * 1e-3)
@@ -73,7 +91,9 @@ def _fla_call(name, args, spec_name):
 
 
 def bench_variant(spec_name, B, T, H, D, dtype, device, bandwidth):
-    op = attnc.load(spec_name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        op = attnc.load(spec_name)
     args = random_arguments(op.analysis, B=B, T=T, H=H, dims={"K": D, "V": D}, dtype=dtype,
                             device=device)
     grads = {n: t.detach().clone().requires_grad_() for n, t in args.items()}
@@ -81,24 +101,25 @@ def bench_variant(spec_name, B, T, H, D, dtype, device, bandwidth):
 
     t0 = time.perf_counter()
     out, _ = op(**args)
-    torch.cuda.synchronize()
+    _sync()
     row["first call s"] = time.perf_counter() - t0
     row["attnc fwd ms"] = _median_ms(lambda: op(**args))
+    do = torch.randn_like(out)
 
     def fwd_bwd():
         o, _ = op(**grads)
         o.backward(do)
-    do = torch.randn_like(out)
     row["attnc fwd+bwd ms"] = _median_ms(fwd_bwd)
-    torch.cuda.reset_peak_memory_stats()
-    fwd_bwd()
-    row["attnc peak GiB"] = torch.cuda.max_memory_allocated() / 2**30
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        fwd_bwd()
+        row["attnc peak GiB"] = torch.cuda.max_memory_allocated() / 2**30
 
     io_bytes = sum(t.numel() * t.element_size() for t in args.values()) + out.numel() * out.element_size()
     row["floor ms"] = io_bytes / bandwidth * 1e3
     row["fwd / floor"] = row["attnc fwd ms"] / row["floor ms"]
 
-    fla = _fla_call(FLA_TWINS.get(spec_name, ""), args, spec_name)
+    fla = _fla_call(FLA_TWINS.get(spec_name, ""), args, spec_name) if device == "cuda" else None
     if fla is not None:
         fla()
         row["fla fwd ms"] = _median_ms(fla)
@@ -112,57 +133,134 @@ def bench_variant(spec_name, B, T, H, D, dtype, device, bandwidth):
     return row
 
 
-def bench_sdpa(B, T, H, D, dtype, device):
+def bench_decode(spec_name, B, H, D, dtype, device, bandwidth):
+    """One decode step (T = 1) against a cached fp32 state, in place."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        op = attnc.load(spec_name)
+    args = random_arguments(op.analysis, B=B, T=1, H=H, dims={"K": D, "V": D}, dtype=dtype,
+                            device=device)
+    state = tuple(torch.randn(B, H, D, D, device=device) for _ in op.spec.states)
+    state = state[0] if len(state) == 1 else state
+    op.step(**args, state=state, inplace=True)
+    row = {"variant": f"{spec_name} decode step", "T": 1, "B": B, "D": D,
+           "attnc fwd ms": _median_ms(lambda: op.step(**args, state=state, inplace=True))}
+    state_bytes = 2 * len(op.spec.states) * B * H * D * D * 4  # fp32 state read + written
+    row["floor ms"] = state_bytes / bandwidth * 1e3
+    return row
+
+
+def cold_start(spec_name, device, B, T, H, D):
+    """First call in a fresh process with an empty cache (codegen, compile, tuning) and
+    with the cache that run left (warm)."""
+    child = (
+        "import sys, time, torch, warnings; warnings.simplefilter('ignore'); t0 = time.perf_counter()\n"
+        "import attnc\nfrom attnc.runtime.sampling import random_arguments\n"
+        f"op = attnc.load({spec_name!r})\n"
+        f"args = random_arguments(op.analysis, B={B}, T={T}, H={H}, dims={{'K': {D}, 'V': {D}}},"
+        f" dtype=torch.{'bfloat16' if device == 'cuda' else 'float32'}, device={device!r})\n"
+        "op(**args)\n"
+        "torch.cuda.synchronize() if torch.cuda.is_available() else None\n"
+        "print(time.perf_counter() - t0)\n")
+    times = []
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, ATTNC_CACHE_DIR=cache)
+        for _ in range(2):
+            run = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True,
+                                 text=True)
+            if run.returncode != 0:
+                raise RuntimeError(f"cold-start child failed: {run.stderr.strip()[-300:]}")
+            times.append(float(run.stdout.split()[-1]))
+    return {"variant": f"{spec_name} first call (cold / warm cache), s", "T": T, "B": B, "D": D,
+            "first call s": times[0], "warm first call s": times[1]}
+
+
+def bench_softmax_attention(B, T, H, D, dtype, device):
+    """Causal softmax attention beside them: torch SDPA (FlashAttention) and FlexAttention."""
     q, k, v = (torch.randn(B, H, T, D, dtype=dtype, device=device) for _ in range(3))
     f = torch.nn.functional.scaled_dot_product_attention
-    return {"variant": "sdpa (flash, causal)", "T": T, "B": B, "D": D,
-            "attnc fwd ms": None, "fla fwd ms": None,
-            "sdpa fwd ms": _median_ms(lambda: f(q, k, v, is_causal=True))}
+    row = {"variant": "softmax attention (causal)", "T": T, "B": B, "D": D,
+           "sdpa fwd ms": _median_ms(lambda: f(q, k, v, is_causal=True))}
+    if device == "cuda":
+        try:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+            mask = create_block_mask(lambda b, h, i, j: j <= i, None, None, T, T, device=device)
+            flex = torch.compile(flex_attention)
+            flex(q, k, v, block_mask=mask)
+            row["flex fwd ms"] = _median_ms(lambda: flex(q, k, v, block_mask=mask))
+        except Exception as err:  # reported, not hidden
+            row["error"] = f"flex: {type(err).__name__}: {err}"[:120]
+    return row
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--variants", nargs="*", default=["mamba2", "gla", "retnet", "linear_attn"])
+    parser.add_argument("--quick", action="store_true", help="one shape")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny shapes on the CPU: checks the harness, measures nothing")
+    parser.add_argument("--variants", nargs="*",
+                        default=["mamba2", "gla", "retnet", "deltanet", "gated_deltanet", "kda"])
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench.py needs a CUDA GPU", file=sys.stderr)
+    if args.smoke:
+        device, dtype, name = "cpu", torch.float32, "cpu-smoke"
+        shapes = [(1, 64, 2, 16)]
+        decode_batch = 2
+    elif torch.cuda.is_available():
+        device, dtype = "cuda", torch.bfloat16
+        name = torch.cuda.get_device_name().replace(" ", "_")
+        shapes = [(16, 2048, 16, 128)] if args.quick else [
+            (16, 2048, 16, 128), (4, 8192, 16, 128), (1, 32768, 16, 128), (16, 2048, 16, 64),
+            (16, 2048, 16, 256)]
+        decode_batch = 64
+    else:
+        print("bench.py needs a CUDA GPU (or --smoke to check the harness on the CPU)",
+              file=sys.stderr)
         return 2
-    device = "cuda"
-    dtype = torch.bfloat16
-    name = torch.cuda.get_device_name().replace(" ", "_")
     bandwidth = copy_bandwidth(device)
-    shapes = [(16, 2048, 16, 128)] if args.quick else [
-        (16, 2048, 16, 128), (4, 8192, 16, 128), (1, 32768, 16, 128), (16, 2048, 16, 64),
-        (16, 2048, 16, 256)]
     rows = []
     for B, T, H, D in shapes:
         for variant in args.variants:
             try:
                 row = bench_variant(variant, B, T, H, D, dtype, device, bandwidth)
             except Exception as err:  # a miss is reported as a miss
-                row = {"variant": variant, "T": T, "B": B, "D": D, "error": f"{type(err).__name__}: {err}"[:200]}
+                row = {"variant": variant, "T": T, "B": B, "D": D,
+                       "error": f"{type(err).__name__}: {err}"[:200]}
             rows.append(row)
             print(row, flush=True)
-        rows.append(bench_sdpa(B, T, H, D, dtype, device))
+        rows.append(bench_softmax_attention(B, T, H, D, dtype, device))
         print(rows[-1], flush=True)
-    write_results(rows, name, bandwidth, args.out)
+    B, T, H, D = shapes[0]
+    for variant in ("gla", "gated_deltanet"):
+        rows.append(bench_decode(variant, decode_batch, H, D, dtype, device, bandwidth))
+        print(rows[-1], flush=True)
+    try:
+        rows.append(cold_start("gla", device, B, T, H, D))
+    except RuntimeError as err:
+        rows.append({"variant": "gla first call (cold / warm cache), s", "error": str(err)})
+    print(rows[-1], flush=True)
+    write_results(rows, name, bandwidth, args.out, dtype=dtype, heads=shapes[0][2],
+                  command="python bench/bench.py" + (" --smoke" if args.smoke else "")
+                  + (" --quick" if args.quick else ""))
     return 0
 
 
-COLUMNS = ["variant", "B", "T", "D", "attnc fwd ms", "fla fwd ms", "sdpa fwd ms", "attnc fwd+bwd ms",
-           "fla fwd+bwd ms", "floor ms", "fwd / floor", "attnc peak GiB", "first call s", "error"]
+COLUMNS = ["variant", "B", "T", "D", "attnc fwd ms", "fla fwd ms", "sdpa fwd ms", "flex fwd ms",
+           "attnc fwd+bwd ms", "fla fwd+bwd ms", "floor ms", "fwd / floor", "attnc peak GiB",
+           "first call s", "warm first call s", "error"]
 
 
-def write_results(rows, device_name, bandwidth, out_dir):
+def write_results(rows, device_name, bandwidth, out_dir, command, dtype, heads):
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# attnc benchmark on {device_name}", "",
              f"torch {torch.__version__}, triton {__import__('triton').__version__}, "
-             f"attnc {attnc.__version__}, python {platform.python_version()}; bf16, H = 16; "
-             f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; medians of triton.testing.do_bench.",
-             "", "Command: `python bench/bench.py`", "",
+             f"attnc {attnc.__version__}, python {platform.python_version()}; {dtype}, H = {heads}; "
+             f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; "
+             + ("medians of triton.testing.do_bench." if torch.cuda.is_available() else
+                "CPU smoke run: checks the harness, the times mean nothing."),
+             "", f"Command: `{command}`", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
         cells = []
@@ -179,15 +277,17 @@ def write_results(rows, device_name, bandwidth, out_dir):
         return
     fig, ax = plt.subplots(figsize=(7, 4))
     for variant in sorted({r["variant"] for r in rows}):
+        head_dim = rows[0]["D"]
         pts = [(r["T"], r.get("attnc fwd ms") or r.get("sdpa fwd ms")) for r in rows
-               if r["variant"] == variant and r.get("D") == 128 and (r.get("attnc fwd ms") or r.get("sdpa fwd ms"))]
+               if r["variant"] == variant and r.get("D") == head_dim
+               and (r.get("attnc fwd ms") or r.get("sdpa fwd ms"))]
         if pts:
             ax.plot(*zip(*sorted(pts)), marker="o", label=variant)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("T (B*T = 32768)")
     ax.set_ylabel("forward ms (median)")
     ax.legend()
-    ax.set_title(f"attnc forward, bf16, H=16, K=V=128, {device_name}")
+    ax.set_title(f"attnc forward, {dtype}, H={heads}, {device_name}")
     fig.tight_layout()
     fig.savefig(out / f"{device_name}.png", dpi=120)
 
