@@ -35,3 +35,53 @@ def test_varlen_and_gqa(name):
                     dtype=torch.bfloat16,
                     heads={i.name: 2 for i in op.spec.inputs if i.shape == ("K",)})
     assert result.ok, result.errors
+
+
+DELTA_SPECS = ["deltanet", "gated_deltanet", "kda"]
+
+
+@pytest.mark.parametrize("name", DELTA_SPECS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_delta_family_realistic(name, dtype):
+    result = verify(attnc.load(name), B=2, T=1000, H=4, K=128, V=128, dtype=dtype, device="cuda")
+    assert result.ok, result.errors
+
+
+@pytest.mark.parametrize("name", ["gated_deltanet", "kda"])
+def test_delta_varlen_gqa_and_wide_heads(name):
+    op = attnc.load(name)
+    result = verify(op, H=4, K=256, V=256, seqlens=[700, 3, 1300], device="cuda",
+                    dtype=torch.bfloat16, heads={"q": 2, "k": 2})
+    assert result.ok, result.errors
+
+
+@pytest.mark.parametrize("name", ["mamba1", "rwkv7"])
+def test_recurrent_training(name):
+    with pytest.warns(Warning):
+        op = attnc.load(name)
+    result = verify(op, B=2, T=300, H=4, K=64, V=64, device="cuda")
+    assert result.ok, result.errors
+
+
+@pytest.mark.parametrize("name", ["gla", "gated_deltanet", "mamba1"])
+def test_decode_step_continues_the_sequence(name):
+    import warnings
+
+    from attnc.runtime.sampling import random_arguments
+    from attnc.runtime.verify import rel_rms
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        op = attnc.load(name)
+    args = random_arguments(op.analysis, B=8, T=16, H=4, dims={"K": 128, "V": 128},
+                            device="cuda")
+    full, final = op(**args, output_final_state=True, precision="ieee")
+    state = torch.zeros(8, 4, 128, 128, device="cuda")
+    inputs = {i.name for i in op.spec.inputs}
+    outs = []
+    for t in range(16):
+        step_args = {n: (x[:, t:t + 1] if n in inputs else x) for n, x in args.items()}
+        o, state = op.step(**step_args, state=state)
+        outs.append(o)
+    assert rel_rms(torch.cat(outs, 1), full) < 1e-3
+    assert rel_rms(state, final) < 1e-3
