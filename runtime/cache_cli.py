@@ -1,10 +1,11 @@
-"""`attnc cache list | show | clear | prune | export | import`: manage the kernel cache."""
+"""`attnc cache list | show | clear | prune | export | import | tune`: manage the kernel cache."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from .cache import CacheError, Entry, KernelCache
@@ -43,6 +44,20 @@ def add_cache_commands(subparsers) -> argparse.ArgumentParser:
                          "(rejects archives that escape the cache or fail their hashes)")
     imp.add_argument("file", type=Path, metavar="FILE")
     imp.set_defaults(run=_cmd_import)
+
+    tune = sub.add_parser("tune", help="tune a spec's kernels for one shape on this GPU now and "
+                          "store the config (e.g. when building a deployment image)")
+    tune.add_argument("spec", metavar="SPEC", help="a .attn file or the name of a shipped spec")
+    tune.add_argument("--shape", required=True, metavar="B,T,H,DIMS",
+                      help="batch, tokens per sequence, heads, then the spec's dims in the order "
+                      "it declares them, e.g. 8,2048,16,128,128 for B,T,H,K,V")
+    tune.add_argument("--dtype", default="bf16", metavar="DTYPE",
+                      help=f"input dtype: {', '.join(DTYPES)} (default bf16)")
+    tune.add_argument("--varlen", type=int, metavar="N",
+                      help="tune varlen calls: T tokens packed into N sequences (then B = 1)")
+    tune.add_argument("--mode", choices=("fast", "full"), default=None,
+                      help="candidate set (default: ATTNC_AUTOTUNE, or fast when it is off)")
+    tune.set_defaults(run=_cmd_tune)
     return cache
 
 
@@ -132,6 +147,72 @@ def _cmd_import(args, cache: KernelCache) -> int:
     report = cache.import_(args.file)
     print(f"imported {_entries(len(report.added))} from {args.file}; "
           f"{len(report.present)} already present")
+    return 0
+
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32",
+          "bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
+
+
+def _cmd_tune(args) -> int:
+    """Bad arguments, specs without chunk kernels and machines without a GPU end with one
+    line on stderr and exit code 1 (a bad spec with its located diagnostic)."""
+    from ..dsl.errors import SpecError
+    from .autotune import TuningError
+
+    try:
+        return _tune(args)
+    except SpecError as err:
+        print(err, file=sys.stderr)
+    except (CacheError, TuningError, OSError, ValueError) as err:
+        print(f"attnc cache tune: error: {err}", file=sys.stderr)
+    return 1
+
+
+def _tune(args) -> int:
+    import torch
+
+    from .autotune import TuningError, tune
+    from .compiler import NotChunkParallelWarning, compile
+    from .settings import settings
+
+    dtype_name = DTYPES.get(args.dtype.strip().lower())
+    if dtype_name is None:
+        raise ValueError(f"--dtype {args.dtype!r}: expected one of {', '.join(DTYPES)}")
+    try:
+        shape = [int(part) for part in args.shape.split(",")]
+    except ValueError:
+        raise ValueError(f"--shape {args.shape!r}: expected comma-separated integers "
+                         "B,T,H followed by the spec's dims, e.g. 8,2048,16,128,128") from None
+    if any(size < 1 for size in shape):
+        raise ValueError(f"--shape {args.shape!r}: sizes must be positive")
+    with warnings.catch_warnings():  # the error below says it better
+        warnings.simplefilter("ignore", NotChunkParallelWarning)
+        op = compile(args.spec)
+    names = [d.name for d in op.spec.dims]
+    if len(shape) != 3 + len(names):
+        raise ValueError(f"--shape {args.shape!r}: {op.name} needs B,T,H,{','.join(names)} "
+                         f"({3 + len(names)} numbers), got {len(shape)}")
+    B, T, H, *sizes = shape
+    if args.varlen is not None and B != 1:
+        raise ValueError(f"--varlen packs sequences along T with B = 1, got B = {B}")
+    if op.no_chunk_form is not None:
+        raise TuningError(f"{op.name} has no chunk kernels to tune: {op.no_chunk_form}")
+    if not torch.cuda.is_available():
+        raise TuningError("tuning needs a CUDA GPU, and torch sees none here; run it on the "
+                          "machine (or one like it) that will use the configs")
+    if settings().interpret:
+        raise TuningError("tuning needs compiled kernels, but Triton's interpreter is on "
+                          "(unset TRITON_INTERPRET / ATTNC_INTERPRET)")
+    result = tune(op, B=B, T=T, H=H, dims=dict(zip(names, sizes)),
+                  dtype=getattr(torch, dtype_name), device="cuda", num_sequences=args.varlen,
+                  mode=args.mode)
+    defaults = [ms for config, ms in result.timings if config == {"chunk_size": 64}]
+    versus = f"; defaults {defaults[0]:.3f} ms" if defaults else ""
+    print(f"tuned {op.name} on {result.device}, {result.bucket}:")
+    print(f"  {json.dumps(result.config, sort_keys=True)}")
+    print(f"  {result.best_ms:.3f} ms per forward + backward{versus}; "
+          f"{len(result.timings)} candidates timed")
     return 0
 
 

@@ -35,16 +35,20 @@ def gate_kind(q: torch.Tensor, g: torch.Tensor | None) -> str:
 @dataclass(frozen=True)
 class LaunchOptions:
     """How the rendered launchers run: chunk size, tl.dot precision for fp32 operands,
-    interpreter mode (fp32 dots), and NaN-poisoned buffers (tests)."""
+    interpreter mode (fp32 dots), NaN-poisoned buffers (tests) and a tuned config."""
 
     chunk_size: int = 64
     input_precision: str = "tf32"
     interpret: bool = False
     poison: bool = False
+    # tuned overrides of the launchers' defaults (the module's TUNABLE keys), as sorted
+    # (key, value) pairs so that options stay hashable; () runs the defaults
+    config: tuple[tuple[str, int], ...] = ()
 
     def as_kwargs(self) -> dict:
         return dict(chunk_size=self.chunk_size, interpret=self.interpret,
-                    input_precision=self.input_precision, poison=self.poison)
+                    input_precision=self.input_precision, poison=self.poison,
+                    config=dict(self.config) or None)
 
 
 class ChunkDeltaFunction(torch.autograd.Function):
@@ -97,7 +101,7 @@ class ChunkDeltaFunction(torch.autograd.Function):
 
 def chunk_delta(q, k, v, beta, g=None, h0=None, cu_seqlens=None, *, output_final_state: bool,
                 chunk_size: int = 64, backend: str = "triton", name: str = "delta",
-                input_precision: str = "tf32", poison: bool = False):
+                input_precision: str = "tf32", poison: bool = False, config: dict | None = None):
     """(o, ht) of S_t = (I - beta_t k_t k_t^T) D_t S_{t-1} + beta_t k_t v_t^T, o_t = q_t^T S_t.
 
     q, k: [B, T, H, K]; v: [B, T, H, V] (fp32, fp16 or bf16; scale folded into q, keys
@@ -108,7 +112,10 @@ def chunk_delta(q, k, v, beta, g=None, h0=None, cu_seqlens=None, *, output_final
     Gradients flow to q, k, v, beta, g and h0.
 
     name: prefix of the generated kernels. input_precision: tl.dot precision for fp32 inputs
-    on a GPU ("ieee" for full fp32). poison: NaN-fill kernel buffers before they are written."""
+    on a GPU ("ieee" for full fp32). poison: NaN-fill kernel buffers before they are written.
+    config: tuned launch values overriding the kernels' defaults (keys: the rendered module's
+    TUNABLE, e.g. num_warps, block_k; runtime/autotune.py), forward and backward alike;
+    the "torch" backend ignores it."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: expected one of {', '.join(BACKENDS)}")
     if input_precision not in DOT_PRECISIONS:
@@ -118,5 +125,5 @@ def chunk_delta(q, k, v, beta, g=None, h0=None, cu_seqlens=None, *, output_final
         return chunk_delta_torch(q, k, v, beta, g, h0, cu_seqlens, output_final_state, chunk_size)
     interpret = settings().interpret or q.device.type != "cuda"
     options = LaunchOptions(chunk_size=chunk_size, input_precision=input_precision,
-                            interpret=interpret, poison=poison)
+                            interpret=interpret, poison=poison, config=tuple(sorted((config or {}).items())))
     return ChunkDeltaFunction.apply(q, k, v, beta, g, h0, cu_seqlens, spec, output_final_state, options)

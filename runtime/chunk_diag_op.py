@@ -49,16 +49,20 @@ def register_kernels(spec: DiagKernelSpec, module) -> None:
 @dataclass(frozen=True)
 class LaunchOptions:
     """How the rendered launchers run: chunk size, tl.dot precision for fp32 operands,
-    interpreter mode (fp32 dots), and NaN-poisoned outputs (tests)."""
+    interpreter mode (fp32 dots), NaN-poisoned outputs (tests) and a tuned config."""
 
     chunk_size: int = 64
     input_precision: str = "tf32"
     interpret: bool = False
     poison: bool = False
+    # tuned overrides of the launchers' defaults (the module's TUNABLE keys), as sorted
+    # (key, value) pairs so that options stay hashable; () runs the defaults
+    config: tuple[tuple[str, int], ...] = ()
 
     def as_kwargs(self) -> dict:
         return dict(chunk_size=self.chunk_size, interpret=self.interpret,
-                    input_precision=self.input_precision, poison=self.poison)
+                    input_precision=self.input_precision, poison=self.poison,
+                    config=dict(self.config) or None)
 
 
 class ChunkDiagFunction(torch.autograd.Function):
@@ -109,7 +113,8 @@ class ChunkDiagFunction(torch.autograd.Function):
 
 def chunk_diag(q, k, v, g=None, gv=None, h0=None, cu_seqlens=None, *, exclusive: bool,
                output_final_state: bool, chunk_size: int = 64, backend: str = "triton",
-               input_precision: str = "tf32", poison: bool | None = None, name: str | None = None):
+               input_precision: str = "tf32", poison: bool | None = None, name: str | None = None,
+               config: dict | None = None):
     """(o, ht) of S_t = diag(exp(g_t)) S_{t-1} diag(exp(gv_t)) + k_t v_t^T, o_t = q_t^T S_t
     (o_t = q_t^T S_{t-1} when `exclusive`).
 
@@ -121,7 +126,10 @@ def chunk_diag(q, k, v, g=None, gv=None, h0=None, cu_seqlens=None, *, exclusive:
 
     input_precision: tl.dot precision for fp32 inputs on a GPU ("ieee" for full fp32).
     poison: NaN-fill kernel outputs before they are written (default: ATTNC_POISON).
-    name: prefix of the kernel names (default: from the structure)."""
+    name: prefix of the kernel names (default: from the structure).
+    config: tuned launch values overriding the kernels' defaults (keys: the rendered module's
+    TUNABLE, e.g. num_warps, block_k; runtime/autotune.py), forward and backward alike;
+    the "torch" backend ignores it."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: expected one of {', '.join(BACKENDS)}")
     if input_precision not in DOT_PRECISIONS:
@@ -133,5 +141,5 @@ def chunk_diag(q, k, v, g=None, gv=None, h0=None, cu_seqlens=None, *, exclusive:
         return chunk_diag_torch(q, k, v, g, gv, h0, cu_seqlens, exclusive, output_final_state, chunk_size)
     interpret = settings().interpret or q.device.type != "cuda"
     options = LaunchOptions(chunk_size=chunk_size, input_precision=input_precision,
-                            interpret=interpret, poison=poison)
+                            interpret=interpret, poison=poison, config=tuple(sorted((config or {}).items())))
     return ChunkDiagFunction.apply(q, k, v, g, gv, h0, cu_seqlens, spec, output_final_state, options)

@@ -10,6 +10,8 @@ from ..dsl.printer import pretty
 
 log = logging.getLogger("attnc")
 
+DEFAULT_CHUNK_SIZE = 64  # when neither the caller nor a tuned config sets one
+
 
 class CompiledOp:
     """One compiled spec: `op(...)` runs kernels; `op.reference(...)` the fp64 oracle.
@@ -25,6 +27,7 @@ class CompiledOp:
         self.spec = spec
         self.analysis = analysis
         self._plan_modules: dict = {}  # torch.device -> loaded plan module
+        self._tuned_configs: dict = {}  # (torch.device, shape bucket) -> tuned config
 
     @property
     def name(self) -> str:
@@ -51,14 +54,21 @@ class CompiledOp:
         return _unwrap(outputs), (_unwrap(states) if states is not None else None)
 
     def __call__(self, *, initial_state=None, output_final_state=False, cu_seqlens=None,
-                 chunk_size: int = 64, backend: str | None = None, precision: str = "tf32",
-                 **kwargs):
+                 chunk_size: int | None = None, backend: str | None = None,
+                 precision: str = "tf32", config: dict | None = None, **kwargs):
         """Run the generated kernels. `backend`: "triton" (default on CUDA, or on the CPU
         when Triton's interpreter is on) or "torch" (the plan in plain PyTorch).
-        `precision`: tl.dot precision for fp32 operands on a GPU ("tf32" or "ieee")."""
+        `precision`: tl.dot precision for fp32 operands on a GPU ("tf32" or "ieee").
+
+        Launch values: on a GPU the chunk kernels run with the config tuned for this device
+        and shape bucket, from the config cache or tuned on the first call (ATTNC_AUTOTUNE,
+        runtime/autotune.py). `chunk_size` fixes the chunk size (the rest is still tuned
+        for it); `config` ({"chunk_size": ..., "num_warps": ..., ...}) fixes everything and
+        skips tuning. Without either, and wherever tuning does not apply (the interpreter,
+        ATTNC_AUTOTUNE=off), chunks are 64 tokens and the kernels' defaults hold."""
         from .binding import bind, expand_heads
 
-        if chunk_size < 16 or chunk_size & (chunk_size - 1):
+        if chunk_size is not None and (chunk_size < 16 or chunk_size & (chunk_size - 1)):
             raise ValueError(f"chunk_size must be a power of two >= 16, got {chunk_size}")
         if precision not in ("tf32", "ieee"):
             raise ValueError(f"precision must be 'tf32' or 'ieee', got {precision!r}")
@@ -81,10 +91,11 @@ class CompiledOp:
         states_in = bound.initial_states or (None,) * len(self.spec.states)
         states_in = tuple(None if s is None else s.float() for s in states_in)
 
+        launch = self._launch_values(bound, dtype, backend, chunk_size, config)
         outputs, states = module.forward(
             values, states_in, shape=(bound.B, bound.T, H),
             output_final_state=output_final_state, cu_seqlens=bound.cu_seqlens, dtype=dtype,
-            options=dict(backend=backend, chunk_size=chunk_size, input_precision=precision),
+            options=dict(backend=backend, input_precision=precision, **launch),
         )
         shapes = {r.name: r.shape for r in self.analysis.readouts}
         outputs = tuple(
@@ -92,6 +103,33 @@ class CompiledOp:
             for name, o in zip(self.spec.outputs, outputs)
         )
         return _unwrap(outputs), (_unwrap(states) if states is not None else None)
+
+    def _launch_values(self, bound, dtype, backend, chunk_size, config) -> dict:
+        """The chunk size and launcher config of one call: the caller's, else tuned."""
+        if config is not None:
+            config = dict(config)
+            fixed = config.pop("chunk_size", None)
+            if fixed is not None and chunk_size is not None and fixed != chunk_size:
+                raise ValueError(f"chunk_size={chunk_size} contradicts config's chunk_size={fixed}")
+            chunk_size = chunk_size or fixed
+        elif backend == "triton":
+            config = dict(self._tuned_config(bound, dtype, chunk_size) or {})
+            tuned_chunk_size = config.pop("chunk_size", None)
+            chunk_size = chunk_size or tuned_chunk_size
+        return dict(chunk_size=chunk_size or DEFAULT_CHUNK_SIZE, config=config or None)
+
+    def _tuned_config(self, bound, dtype, chunk_size) -> dict | None:
+        """The tuned config of this call's device and shape bucket (found in the config
+        cache, else tuned now), remembered for the life of the op; None where tuning does
+        not apply."""
+        from .autotune import config_for_call, shape_bucket_of, tuning_applies
+
+        if not tuning_applies(bound.device):
+            return None
+        key = (bound.device, shape_bucket_of(bound, dtype, chunk_size=chunk_size))
+        if key not in self._tuned_configs:
+            self._tuned_configs[key] = config_for_call(self, bound, dtype, chunk_size=chunk_size)
+        return self._tuned_configs[key]
 
     @property
     def no_chunk_form(self) -> str | None:
@@ -196,25 +234,35 @@ class CompiledOp:
         import json
 
         from ..codegen import chunk_delta, chunk_diag
+
+        files = {f"{self.name}_plan.py": self.plan_source()}
+        kernels: dict[str, dict] = {"diag": {}, "delta": {}}
+        for call, kernel in self.chunk_kernels():
+            render = chunk_delta.render if call.kind == "delta" else chunk_diag.render
+            files[f"{kernel.name}_kernels.py"] = render(kernel)
+            kernels[call.kind][f"{kernel.name}_kernels.py"] = kernel.__dict__
+        files["manifest.json"] = json.dumps({"plan": f"{self.name}_plan.py", "kernels": kernels},
+                                            indent=2, sort_keys=True)
+        return files
+
+    def chunk_kernels(self) -> list[tuple[object, object]]:
+        """(plan.ChunkCall, kernel spec) of each chunk call: a DeltaKernelSpec for kind
+        "delta", else a DiagKernelSpec (raises NoChunkForm for classes without chunk kernels)."""
+        from ..codegen import chunk_delta, chunk_diag
         from ..codegen.plan import plan_chunks
 
         plan = plan_chunks(self.analysis)
-        files = {f"{self.name}_plan.py": self.plan_source()}
-        kernels: dict[str, dict] = {"diag": {}, "delta": {}}
+        kernels = []
         for call in plan.calls:
             name = call.kernel_name(self.name, len(plan.calls))
             if call.kind == "delta":
                 kernel = chunk_delta.DeltaKernelSpec(name=name, gate=call.gate)
-                files[f"{name}_kernels.py"] = chunk_delta.render(kernel)
             else:
                 kernel = chunk_diag.DiagKernelSpec(name=name, gate=call.gate,
                                                    vgate=call.log_gate_v is not None,
                                                    exclusive=call.exclusive)
-                files[f"{name}_kernels.py"] = chunk_diag.render(kernel)
-            kernels[call.kind][f"{name}_kernels.py"] = kernel.__dict__
-        files["manifest.json"] = json.dumps({"plan": f"{self.name}_plan.py", "kernels": kernels},
-                                            indent=2, sort_keys=True)
-        return files
+            kernels.append((call, kernel))
+        return kernels
 
     @property
     def canonical_text(self) -> str:

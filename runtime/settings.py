@@ -9,8 +9,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+AUTOTUNE_MODES = ("off", "fast", "full")
+
 # name -> (type, default, doc)
 KNOBS = {
+    "ATTNC_AUTOTUNE": (str, "fast", "tune chunk kernels on a miss in the config cache: off | fast "
+                       "(a small candidate set) | full (the whole grid); never in the interpreter"),
     "ATTNC_CACHE_DIR": (Path, None, "kernel and config cache (default: the user cache dir)"),
     "ATTNC_DUMP_DIR": (Path, None, "also write every generated kernel source here"),
     "ATTNC_INTERPRET": (bool, None, "run Triton kernels in the interpreter (default: TRITON_INTERPRET)"),
@@ -21,6 +25,7 @@ KNOBS = {
 
 @dataclass(frozen=True)
 class Settings:
+    autotune: str
     cache_dir: Path
     dump_dir: Path | None
     interpret: bool
@@ -46,12 +51,20 @@ def settings() -> Settings:
     interpret = _bool(interp) if interp else _bool(env.get("TRITON_INTERPRET", "0"))
     dump = env.get("ATTNC_DUMP_DIR")
     return Settings(
+        autotune=_choice("ATTNC_AUTOTUNE", env.get("ATTNC_AUTOTUNE", "fast"), AUTOTUNE_MODES),
         cache_dir=Path(cache),
         dump_dir=Path(dump) if dump else None,
         interpret=interpret,
         log_level=_log_level(env.get("ATTNC_LOG_LEVEL", "WARNING")),
         poison=_bool(env.get("ATTNC_POISON", "0")),
     )
+
+
+def _choice(name: str, text: str, choices: tuple[str, ...]) -> str:
+    value = text.strip().lower()
+    if value not in choices:
+        raise ValueError(f"{name}={text!r}: expected one of {', '.join(choices)}")
+    return value
 
 
 def _log_level(text: str) -> str:

@@ -21,4 +21,7 @@ def _isolated_cache(tmp_path, monkeypatch):
     """Every test gets its own kernel cache so tests never see each other's entries."""
     monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path / "attnc-cache"))
     monkeypatch.setenv("ATTNC_POISON", "1")  # unwritten kernel outputs show as NaN
+    # Every test starts with an empty cache, so on a GPU each would tune its shapes first;
+    # tests check the kernels at their defaults, and tests/test_autotune.py tunes on purpose.
+    monkeypatch.setenv("ATTNC_AUTOTUNE", "off")
     torch.manual_seed(0)
