@@ -12,15 +12,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import jinja2
 import torch
+
+from .templating import environment
 
 GATE_KINDS = ("none", "scalar", "channel")
 
 # Rows of a secondary sub-chunk (per-channel gates); must match SUB_CHUNK in the template.
 SUB_CHUNK = 16
 
-_TEMPLATE_DIR = Path(__file__).parent / "templates"
 
 
 @dataclass(frozen=True)
@@ -51,19 +51,9 @@ class DiagKernelSpec:
             raise ValueError("DiagKernelSpec.vgate and .exclusive must be bools")
 
 
-def _environment() -> jinja2.Environment:
-    return jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(_TEMPLATE_DIR)),
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-    )
-
-
 def render(spec: DiagKernelSpec) -> str:
     """Source of a module with the forward/backward kernels and launchers for `spec`."""
-    template = _environment().get_template("chunk_diag.py.jinja")
+    template = environment().get_template("chunk_diag.py.jinja")
     return template.render(name=spec.name, gate=spec.gate, vgate=spec.vgate, exclusive=spec.exclusive)
 
 

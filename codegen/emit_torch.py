@@ -4,42 +4,20 @@ from __future__ import annotations
 import keyword
 import re
 from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
 
-import jinja2
 import sympy as sp
 
 from ..dsl.printer import pretty
 from .elementwise import backward_lines, build_program, forward_lines
 from .plan import ChunkPlan
+from .templating import environment
 from .symbols import symbol
 from .torch_printer import L2NORM_EPS, torch_code
 
-TEMPLATES = Path(__file__).parent / "templates"
 # names the generated module uses itself; spec names that collide get a trailing _
 _RESERVED = {"torch", "F", "chunk_diag", "l2norm", "values", "reads", "ops", "o", "ht",
              "finals", "outputs", "states", "per_token", "L2NORM_EPS", "params", "ctx",
              "tensors", "grads", "unbroadcast", "accumulate", "Prologue", "Epilogue"}
-
-
-@lru_cache(maxsize=None)
-def environment() -> jinja2.Environment:
-    return jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(TEMPLATES)),
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-    )
-
-
-def template_hashes() -> dict[str, str]:
-    """Hash of every template file: part of each cache key."""
-    import hashlib
-
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:16]
-            for p in sorted(TEMPLATES.glob("*.jinja"))}
 
 
 def _py_name(name: str) -> str:
@@ -147,9 +125,7 @@ def emit_plan(plan: ChunkPlan, version: str) -> str:
     readouts = [(r.name, r.combinator.xreplace(rename)) for r in analysis.readouts]
     epilogue = _program("Epilogue", readouts, placeholders + tensors, floats)
 
-    env = environment()
-    env.filters["tuple"] = _tuple_code
-    return env.get_template("plan_torch.py.jinja").render(
+    return environment().get_template("plan_torch.py.jinja").render(
         spec_name=spec.name,
         filename=spec.filename,
         version=version,
@@ -165,11 +141,6 @@ def emit_plan(plan: ChunkPlan, version: str) -> str:
         states=[s.name for s in spec.states],
         l2norm_eps=repr(L2NORM_EPS),
     )
-
-
-def _tuple_code(items) -> str:
-    items = list(items)
-    return f"({items[0]},)" if len(items) == 1 else f"({', '.join(items)})"
 
 
 def _gate_arg(var: str | None, kind: str) -> str:

@@ -38,16 +38,14 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import jinja2
-
 from ..dsl import ir
 from ..dsl.check import output_shapes
 from ..dsl.printer import pretty_expr
-from ..runtime.binding import evaluate_scalar
+from ..dsl.evaluate import evaluate_scalar
 from .reference import L2NORM_EPS
+from .templating import TEMPLATES, environment
 
-_TEMPLATE_DIR = Path(__file__).parent / "templates"
-TEMPLATE = _TEMPLATE_DIR / "recurrent.py.jinja"
+TEMPLATE = TEMPLATES / "recurrent.py.jinja"
 
 # elementwise function -> Triton code of f(x); helpers are defined in the template
 FUNCTION_CODE = {
@@ -737,16 +735,8 @@ def _arglist(names, indent: int, suffix: str = "") -> str:
 def render_recurrent(spec: ir.Spec) -> str:
     """Source of a module with `<spec>_recurrent_fwd` / `_bwd` and launchers for `spec`."""
     ctx = _build(spec)
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(_TEMPLATE_DIR)),
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-    )
-    env.filters["block"] = _block
-    env.filters["arglist"] = _arglist
-    env.filters["pyrepr"] = repr
+    env = environment().overlay()
+    env.filters.update(block=_block, arglist=_arglist)
     template = env.get_template(TEMPLATE.name)
     return template.render(
         ctx=ctx, spec=spec, eps=repr(L2NORM_EPS), pretty_expr=pretty_expr,

@@ -12,13 +12,15 @@ its dimension count minus two. `diag(x)` stays a `_Diag` holding the vector `x`,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping, Union
+from typing import TYPE_CHECKING, Callable, Mapping, Union
 
 import torch
 import torch.nn.functional as F
 
 from ..dsl.ir import Binary, Call, Expr, Name, Num, Spec, Unary
-from ..runtime.binding import Bound, expand_heads
+
+if TYPE_CHECKING:  # the runtime builds the Bound; the oracle only reads it
+    from ..runtime.binding import Bound
 
 # l2norm(x) = x * rsqrt(sum(x * x) + L2NORM_EPS); the kernels use the same epsilon.
 L2NORM_EPS = 1e-6
@@ -63,7 +65,7 @@ Value = Union[torch.Tensor, _Diag]
 
 
 def reference(
-    spec: Spec, bound: Bound, *, output_final_state: bool = False
+    spec: Spec, bound: "Bound", *, output_final_state: bool = False
 ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...] | None]:
     """Run `spec` on `bound` in float64, one token at a time.
 
@@ -72,7 +74,9 @@ def reference(
     unless `output_final_state`.
     """
     H = bound.H
-    inputs = {n: expand_heads(x.to(torch.float64), H) for n, x in bound.inputs.items()}
+    # GQA/GVA: head h of an input with fewer heads H_i is head h // (H // H_i)
+    inputs = {n: x.to(torch.float64).repeat_interleave(H // x.shape[2], dim=2)
+              for n, x in bound.inputs.items()}
     constants: dict[str, Value] = {n: w.to(torch.float64).unsqueeze(0) for n, w in bound.weights.items()}
     for name, number in {**bound.dims, **bound.params}.items():
         constants[name] = _number(number, bound.device)

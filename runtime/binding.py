@@ -17,14 +17,14 @@ H % H_i == 0: head h then reads head h // (H // H_i) of it (GQA/GVA sharing, the
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..dsl.ir import Binary, Call, Expr, Name, Num, Spec, Unary
+from ..dsl.evaluate import evaluate_scalar
+from ..dsl.ir import Spec
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _FLOAT_NAMES = "float32, float16, bfloat16 or float64"
@@ -254,66 +254,6 @@ def _check_devices(tensors: Mapping[str, torch.Tensor], device: torch.device, fi
 
 
 # ---------------------------------------------------------------- params
-def _sigmoid(x: float) -> float:
-    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
-
-
-def _softplus(x: float) -> float:
-    # torch.nn.functional.softplus: identity above its threshold 20
-    return x if x > 20 else math.log1p(math.exp(x))
-
-
-# Python-float twins of the IR's elementwise functions (torch semantics), for param defaults.
-SCALAR_FUNCTIONS: dict[str, Callable[[float], float]] = {
-    "exp": math.exp,
-    "log": math.log,
-    "sigmoid": _sigmoid,
-    "logsigmoid": lambda x: -_softplus(-x),
-    "softplus": _softplus,
-    "tanh": math.tanh,
-    "relu": lambda x: max(x, 0.0),
-    "elu": lambda x: x if x > 0 else math.expm1(x),
-    "silu": lambda x: x * _sigmoid(x),
-    "sqrt": math.sqrt,
-    "rsqrt": lambda x: 1.0 / math.sqrt(x),
-    "abs": abs,
-}
-
-_SCALAR_OPS: dict[str, Callable[[float, float], float]] = {
-    "+": lambda a, b: a + b,
-    "-": lambda a, b: a - b,
-    "*": lambda a, b: a * b,
-    "/": lambda a, b: a / b,
-    "**": lambda a, b: a ** b,
-}
-
-
-def evaluate_scalar(expr: Expr, env: Mapping[str, float]) -> float:
-    """Evaluate a param default: numbers, dims, earlier params and scalar functions."""
-    if isinstance(expr, Num):
-        return float(expr.value)
-    if isinstance(expr, Name):
-        if expr.id not in env:
-            raise ValueError(f"`{expr.id}` is not a dim or an earlier param")
-        return float(env[expr.id])
-    if isinstance(expr, Unary):
-        return -evaluate_scalar(expr.operand, env)
-    if isinstance(expr, Binary):
-        if expr.op not in _SCALAR_OPS:
-            raise ValueError(f"`{expr.op}` needs vectors or matrices, not scalars")
-        left = evaluate_scalar(expr.left, env)
-        right = evaluate_scalar(expr.right, env)
-        result = _SCALAR_OPS[expr.op](left, right)
-        if isinstance(result, complex):
-            raise ValueError(f"{left} ** {right} is not a real number")
-        return float(result)
-    if isinstance(expr, Call):
-        if expr.func not in SCALAR_FUNCTIONS:
-            raise ValueError(f"`{expr.func}` is not a scalar function")
-        return float(SCALAR_FUNCTIONS[expr.func](evaluate_scalar(expr.args[0], env)))
-    raise ValueError(f"cannot evaluate {type(expr).__name__} as a number")
-
-
 def _bind_params(spec: Spec, kwargs: Mapping[str, Any], dims: Mapping[str, int]) -> dict[str, float]:
     env: dict[str, float] = {d: float(v) for d, v in dims.items()}
     params: dict[str, float] = {}

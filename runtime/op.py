@@ -272,10 +272,10 @@ class CompiledOp:
         return pretty(dataclasses.replace(self.spec, doc=""))
 
     def cache_key_parts(self, device) -> dict[str, str]:
-        from ..codegen.emit_torch import TEMPLATES
+        from ..codegen.templating import template_texts
         from .cache import describe_device, standard_key_parts
 
-        templates = {p.name: p.read_text() for p in sorted(TEMPLATES.glob("*.jinja"))}
+        templates = template_texts()
         return standard_key_parts(self.canonical_text, templates, describe_device(device),
                                   {"family": self.analysis.family})
 
