@@ -23,10 +23,11 @@ import attnc
 spec, backend, forbid = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
 if forbid:  # a warm start must not generate any code
     import attnc.codegen.emit_torch as emit_torch, attnc.codegen.chunk_diag as chunk_diag
+    import attnc.codegen.chunk_delta as chunk_delta, attnc.codegen.recurrent as recurrent
     def refuse(*a, **k):
         raise RuntimeError("code generation on a warm start")
     emit_torch.emit_plan = refuse
-    chunk_diag.render = refuse
+    chunk_diag.render = chunk_delta.render = recurrent.render_recurrent = refuse
 t0 = time.perf_counter()
 op = attnc.load(spec)
 t1 = time.perf_counter()

@@ -38,8 +38,3 @@ def environment() -> jinja2.Environment:
 def template_texts() -> dict[str, str]:
     """Every template's text by file name: what cache keys hash."""
     return {p.name: p.read_text() for p in sorted(TEMPLATES.glob("*.jinja"))}
-
-
-def template_hashes() -> dict[str, str]:
-    return {name: hashlib.sha256(text.encode()).hexdigest()[:16]
-            for name, text in template_texts().items()}

@@ -150,6 +150,7 @@ class CompiledOp:
         if backend == "triton":
             from .recurrent_op import recurrent
 
+            self.plan_module(bound.device)  # the recurrent module, from the kernel cache
             outputs, states = recurrent(self.spec, bound, output_final_state=output_final_state)
         else:
             from ..codegen.reference import reference
@@ -177,6 +178,7 @@ class CompiledOp:
         if backend == "triton":
             from .recurrent_op import step
 
+            self.plan_module(bound.device)  # the recurrent module, from the kernel cache
             outputs, new_states = step(self.spec, bound, states, inplace=inplace,
                                        state_indices=state_indices)
             return _unwrap(outputs), _unwrap(new_states)
@@ -229,20 +231,27 @@ class CompiledOp:
         return emit_plan(plan_chunks(self.analysis), __version__)
 
     def sources(self) -> dict[str, str]:
-        """Every generated source of this op by file name: the plan module, one Triton
-        kernel module per chunk call, and a manifest saying which is which."""
+        """Every generated source of this op by file name: the fused recurrent module
+        (decode steps, and training where there is no chunk form), the plan module and
+        one Triton module per chunk call where there is, and a manifest of which is which."""
         import json
 
         from ..codegen import chunk_delta, chunk_diag
+        from ..codegen.recurrent import render_recurrent
 
-        files = {f"{self.name}_plan.py": self.plan_source()}
-        kernels: dict[str, dict] = {"diag": {}, "delta": {}}
-        for call, kernel in self.chunk_kernels():
-            render = chunk_delta.render if call.kind == "delta" else chunk_diag.render
-            files[f"{kernel.name}_kernels.py"] = render(kernel)
-            kernels[call.kind][f"{kernel.name}_kernels.py"] = kernel.__dict__
-        files["manifest.json"] = json.dumps({"plan": f"{self.name}_plan.py", "kernels": kernels},
-                                            indent=2, sort_keys=True)
+        recurrent = f"{self.name}_recurrent.py"
+        files = {recurrent: render_recurrent(self.spec)}
+        manifest: dict = {"recurrent": recurrent, "plan": None, "kernels": {}}
+        if self.no_chunk_form is None:
+            manifest["plan"] = f"{self.name}_plan.py"
+            files[manifest["plan"]] = self.plan_source()
+            kernels: dict[str, dict] = {"diag": {}, "delta": {}}
+            for call, kernel in self.chunk_kernels():
+                render = chunk_delta.render if call.kind == "delta" else chunk_diag.render
+                files[f"{kernel.name}_kernels.py"] = render(kernel)
+                kernels[call.kind][f"{kernel.name}_kernels.py"] = kernel.__dict__
+            manifest["kernels"] = kernels
+        files["manifest.json"] = json.dumps(manifest, indent=2, sort_keys=True)
         return files
 
     def chunk_kernels(self) -> list[tuple[object, object]]:
@@ -285,28 +294,34 @@ class CompiledOp:
         return cache_key(self.cache_key_parts(device))
 
     def plan_module(self, device="cpu"):
-        """The plan module for `device`, from the kernel cache: generated and written on
-        the first use on this machine, loaded without any code generation after that."""
+        """The plan module for `device` (None when the spec has no chunk form), from the
+        kernel cache: generated and written on the first use on this machine, loaded
+        without any code generation after that. Loading also hands the chunk kernels and
+        the recurrent module to the ops that run them."""
         import json
 
         import torch
 
         from .cache import KernelCache, cache_key
         from .loader import load_module
+        from .recurrent_op import register_recurrent
 
         device = torch.device(device)
         if device not in self._plan_modules:
             parts = self.cache_key_parts(device)
             entry = KernelCache().get_or_build(cache_key(parts), parts, self.sources,
                                                spec_name=self.name)
+
+            def load(file):
+                return load_module(entry.files[file].read_text(), file[:-3], entry.path)
+
             manifest = json.loads(entry.files["manifest.json"].read_text())
+            register_recurrent(self.spec, load(manifest["recurrent"]))
             for kind, kernels in manifest["kernels"].items():
                 for file, fields in kernels.items():
-                    module = load_module(entry.files[file].read_text(), file[:-3], entry.path)
-                    register_kernels(kind, fields, module)
+                    register_kernels(kind, fields, load(file))
             plan = manifest["plan"]
-            self._plan_modules[device] = load_module(entry.files[plan].read_text(), plan[:-3],
-                                                     entry.path)
+            self._plan_modules[device] = load(plan) if plan else None
         return self._plan_modules[device]
 
 

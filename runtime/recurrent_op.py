@@ -43,6 +43,11 @@ def module_for(spec: ir.Spec) -> ModuleType:
     return module
 
 
+def register_recurrent(spec: ir.Spec, module: ModuleType) -> None:
+    """Use an already loaded recurrent module (e.g. from the kernel cache) for `spec`."""
+    _MODULES[spec] = module
+
+
 def _interpret(device: torch.device) -> bool:
     return settings().interpret or device.type != "cuda"
 

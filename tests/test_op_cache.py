@@ -13,10 +13,12 @@ CHILD = r"""
 import sys, torch, attnc
 if sys.argv[1] == "forbid":
     import attnc.codegen.emit_torch as emit_torch, attnc.codegen.chunk_diag as chunk_diag
+    import attnc.codegen.recurrent as recurrent
     def refuse(*a, **k):
         raise RuntimeError("code generation on a warm start")
     emit_torch.emit_plan = refuse
     chunk_diag.render = refuse
+    recurrent.render_recurrent = refuse
 op = attnc.load("gla")
 g = torch.Generator().manual_seed(0)
 args = {n: torch.randn(1, 20, 2, 16, generator=g) for n in ("q", "k", "v", "g")}
@@ -37,7 +39,8 @@ def test_warm_process_generates_no_code(tmp_path):
     cold = _child("generate", tmp_path)
     entries = KernelCache(tmp_path).list_entries()
     assert len(entries) == 1 and entries[0].spec == "gla"
-    assert {"gla_plan.py", "gla_S_kernels.py", "manifest.json"} <= set(entries[0].files)
+    assert {"gla_plan.py", "gla_S_kernels.py", "gla_recurrent.py", "manifest.json"} <= set(
+        entries[0].files)
     warm = _child("forbid", tmp_path)
     assert warm == cold
     assert len(KernelCache(tmp_path).list_entries()) == 1
