@@ -8,6 +8,10 @@ same program run in reverse: for an elementwise step, `d arg += d t * diff(expr,
 with the partial derivative computed by sympy and printed as code; for a reduction, its
 known vector-Jacobian product. Nothing is differentiated by hand per variant, and no
 autograd tape is built over the elementwise parts.
+
+`gradient_terms` is that reverse pass as data (which term reaches which cotangent);
+`backward_lines` prints it as PyTorch (the plan's Prologue / Epilogue) and
+codegen/emit_elementwise.py as fused Triton kernels, so the two never diverge.
 """
 from __future__ import annotations
 
@@ -84,45 +88,76 @@ def forward_lines(program: Program) -> list[str]:
     return [f"{s.target.name} = {torch_code(s.expr)}" for s in program.steps]
 
 
+@dataclass(frozen=True)
+class Term:
+    """One contribution to a cotangent, `d_<target> += <term>`, where the term is
+
+        "chain"   d_<source> * factor     (factor: a partial derivative, from sympy)
+        "sum"     d_<source> broadcast over the dim of <target>   (the VJP of vsum)
+        "l2norm"  the VJP of <source> = l2norm(<target>) applied to d_<source>
+
+    `source` is the step whose cotangent flows back. Every emitter of a backward prints
+    these terms; none differentiates anything itself, so the PyTorch and the Triton
+    backward of one program are the same derivation printed twice.
+    """
+    target: sp.Symbol
+    source: sp.Symbol
+    rule: str
+    factor: sp.Expr = sp.Integer(1)
+
+
+def gradient_terms(program: Program) -> list[tuple[Step, list[Term]]]:
+    """The reverse pass: for each step, last first, the terms it adds to the cotangents
+    of its arguments (steps or inputs). A step's cotangent is complete when its turn
+    comes, since every step that reads it comes later in the program."""
+    differentiable = set(program.inputs) | {s.target for s in program.steps}
+    walk: list[tuple[Step, list[Term]]] = []
+    for step in reversed(program.steps):
+        expr, t = step.expr, step.target
+        terms: list[Term] = []
+        if isinstance(expr, l2norm):
+            (x,) = expr.args
+            terms.append(Term(x, t, "l2norm"))
+        elif isinstance(expr, dot):
+            x, y = expr.args
+            for a, b in ((x, y), (y, x)):
+                if a in differentiable:
+                    terms.append(Term(a, t, "chain", b))
+        elif isinstance(expr, vsum):
+            (x,) = expr.args
+            terms.append(Term(x, t, "sum"))
+        else:
+            for arg in sorted(expr.free_symbols & differentiable, key=lambda s: s.name):
+                partial = sp.diff(expr, arg)
+                if partial != 0:
+                    terms.append(Term(arg, t, "chain", partial))
+        walk.append((step, terms))
+    return walk
+
+
 def backward_lines(program: Program) -> list[str]:
-    """Lines computing `d_<input>` from `d_<output step>` (all names in scope).
+    """PyTorch lines computing `d_<input>` from `d_<output step>` (all names in scope).
 
     Every gradient variable starts as None (no contribution yet); `unbroadcast(g, x)`
     sums `g` down to the shape of `x` (scalars are [..., 1], weights [1, 1, H, D]).
     """
     lines: list[str] = []
-    differentiable = set(program.inputs) | {s.target for s in program.steps}
-    for step in reversed(program.steps):
+    for step, terms in gradient_terms(program):
         g = f"d_{step.target.name}"
-        body: list[str] = []
-        expr = step.expr
-        if isinstance(expr, l2norm):
-            (x,) = expr.args
-            y = step.target.name
-            body.append(f"{_acc(x)}({g} - {y} * ({g} * {y}).sum(-1, keepdim=True))"
-                        f" * torch.rsqrt(({x.name} * {x.name}).sum(-1, keepdim=True)"
-                        f" + L2NORM_EPS), {x.name})")
-        elif isinstance(expr, dot):
-            x, y = expr.args
-            for a, b in ((x, y), (y, x)):
-                if a in differentiable:
-                    body.append(f"{_acc(a)}{g} * {b.name}, {a.name})")
-        elif isinstance(expr, vsum):
-            (x,) = expr.args
-            body.append(f"{_acc(x)}{g}.expand_as({x.name}), {x.name})")
-        else:
-            for arg in sorted(expr.free_symbols & differentiable, key=lambda s: s.name):
-                partial = sp.diff(expr, arg)
-                if partial == 0:
-                    continue
-                factor = "" if partial == 1 else f" * {torch_factor(partial)}"
-                body.append(f"{_acc(arg)}{g}{factor}, {arg.name})")
+        body = [f"d_{term.target.name} = accumulate(d_{term.target.name}, "
+                f"{_torch_term(term, g)}, {term.target.name})" for term in terms]
         if body:
             lines.append(f"if {g} is not None:")
             lines.extend("    " + b for b in body)
     return lines
 
 
-def _acc(sym: sp.Symbol) -> str:
-    return f"d_{sym.name} = accumulate(d_{sym.name}, "
-
+def _torch_term(term: Term, g: str) -> str:
+    x = term.target.name
+    if term.rule == "l2norm":
+        y = term.source.name
+        return (f"({g} - {y} * ({g} * {y}).sum(-1, keepdim=True))"
+                f" * torch.rsqrt(({x} * {x}).sum(-1, keepdim=True) + L2NORM_EPS)")
+    if term.rule == "sum":
+        return f"{g}.expand_as({x})"
+    return g if term.factor == 1 else f"{g} * {torch_factor(term.factor)}"

@@ -1,4 +1,6 @@
-"""Emit a spec's chunk plan as a readable PyTorch module (templates/plan_torch.py.jinja)."""
+"""Emit a spec's chunk plan as a readable PyTorch module (templates/plan_torch.py.jinja),
+and its elementwise parts (prologue, epilogue) also as fused Triton modules
+(codegen/emit_elementwise.py), which the plan uses on the "triton" backend."""
 from __future__ import annotations
 
 import keyword
@@ -8,7 +10,8 @@ from dataclasses import dataclass
 import sympy as sp
 
 from ..dsl.printer import pretty
-from .elementwise import backward_lines, build_program, forward_lines
+from .elementwise import Program, backward_lines, build_program, forward_lines
+from .emit_elementwise import render_elementwise
 from .plan import ChunkPlan
 from .templating import environment
 from .symbols import symbol
@@ -17,7 +20,8 @@ from .torch_printer import L2NORM_EPS, torch_code
 # names the generated module uses itself; spec names that collide get a trailing _
 _RESERVED = {"torch", "F", "chunk_diag", "l2norm", "values", "reads", "ops", "o", "ht",
              "finals", "outputs", "states", "per_token", "L2NORM_EPS", "params", "ctx",
-             "tensors", "grads", "unbroadcast", "accumulate", "Prologue", "Epilogue"}
+             "tensors", "grads", "unbroadcast", "accumulate", "Prologue", "Epilogue",
+             "functools", "load_sibling", "elementwise", "prologue", "epilogue"}
 
 
 def _py_name(name: str) -> str:
@@ -39,6 +43,7 @@ class EmittedProgram:
     backward: list[str]
     outputs: list[tuple[str, str]]
     gradients: list[str]
+    program: Program
 
     @property
     def output_names(self) -> list[str]:
@@ -68,11 +73,22 @@ def _program(name: str, outputs: list[tuple[str, sp.Expr]], tensors: list[str],
     return EmittedProgram(
         name=name, inputs=[s.name for s in inputs], constants=[s.name for s in constants],
         forward=forward_lines(program), backward=backward_lines(program),
-        outputs=[(n, v.name) for n, v in program.outputs], gradients=grads,
+        outputs=[(n, v.name) for n, v in program.outputs], gradients=grads, program=program,
     )
 
 
-def emit_plan(plan: ChunkPlan, version: str) -> str:
+@dataclass(frozen=True)
+class ElementwiseParts:
+    prologue: EmittedProgram
+    epilogue: EmittedProgram
+    call_vars: list[dict]            # per chunk call: role -> prologue output name (or None)
+    placeholders: list[str]          # the linear readouts the epilogue reads
+    dims: dict[str, str | None]      # tensor argument -> its vector dim (None: scalar)
+
+
+def elementwise_parts(plan: ChunkPlan) -> ElementwiseParts:
+    """The prologue (inputs -> kernel operands of every chunk call) and the epilogue
+    (linear readouts + inputs -> outputs) of a plan, as elementwise programs."""
     analysis = plan.analysis
     spec = analysis.spec
     rename = {s: symbol(_py_name(s.name)) for s in _all_symbols(plan)}
@@ -95,6 +111,31 @@ def emit_plan(plan: ChunkPlan, version: str) -> str:
                 operands.append((names[role], expr.xreplace(rename)))
         call_vars.append(names)
     prologue = _program("Prologue", operands, tensors, floats)
+    placeholders = sorted({_py_name(lr.placeholder.name) for r in analysis.readouts
+                           for lr in r.linear})
+    readouts = [(r.name, r.combinator.xreplace(rename)) for r in analysis.readouts]
+    epilogue = _program("Epilogue", readouts, placeholders + tensors, floats)
+    dims = {}
+    for name, shape in analysis.shapes.items():
+        dims[_py_name(name)] = shape[0] if len(shape) == 1 else None
+    return ElementwiseParts(prologue, epilogue, call_vars, placeholders, dims)
+
+
+def emit_elementwise(plan: ChunkPlan) -> dict[str, str]:
+    """The fused Triton modules of the plan's prologue and epilogue, by module name
+    (<spec>_prologue, <spec>_epilogue): the plan module loads them from beside itself."""
+    parts = elementwise_parts(plan)
+    name = plan.spec.name
+    return {f"{name}_{part}": render_elementwise(name, part, program.program, parts.dims)
+            for part, program in (("prologue", parts.prologue), ("epilogue", parts.epilogue))}
+
+
+def emit_plan(plan: ChunkPlan, version: str) -> str:
+    analysis = plan.analysis
+    spec = analysis.spec
+    parts = elementwise_parts(plan)
+    prologue, epilogue, placeholders = parts.prologue, parts.epilogue, parts.placeholders
+    call_vars = parts.call_vars
 
     calls = []
     seen: set = set()
@@ -119,11 +160,6 @@ def emit_plan(plan: ChunkPlan, version: str) -> str:
         kernel_name = call.kernel_name(spec.name, len(plan.calls))
         calls.append({**call_fields, "py": py, "read_op": read_op, "final_op": final_op,
                       "kernel_name": kernel_name})
-
-    placeholders = sorted({_py_name(lr.placeholder.name) for r in analysis.readouts
-                           for lr in r.linear})
-    readouts = [(r.name, r.combinator.xreplace(rename)) for r in analysis.readouts]
-    epilogue = _program("Epilogue", readouts, placeholders + tensors, floats)
 
     return environment().get_template("plan_torch.py.jinja").render(
         spec_name=spec.name,

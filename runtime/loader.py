@@ -62,3 +62,12 @@ def load_module(source: str, module_name: str, directory: Path) -> ModuleType:
         del sys.modules[unique_name]
         raise
     return module
+
+
+def load_sibling(anchor: str | Path, module_name: str) -> ModuleType:
+    """Import the generated module `module_name` from the folder of the file `anchor` (a
+    generated module's `__file__`): generated modules that use each other are written
+    side by side, in one cache entry or one `attnc compile --emit` folder."""
+    directory = Path(anchor).parent
+    source = (directory / f"{module_name}.py").read_text(encoding="utf-8")
+    return load_module(source, module_name, directory)

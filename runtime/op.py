@@ -232,19 +232,25 @@ class CompiledOp:
 
     def sources(self) -> dict[str, str]:
         """Every generated source of this op by file name: the fused recurrent module
-        (decode steps, and training where there is no chunk form), the plan module and
-        one Triton module per chunk call where there is, and a manifest of which is which."""
+        (decode steps, and training where there is no chunk form), the plan module, its
+        fused prologue and epilogue (which the plan loads from beside itself) and one
+        Triton module per chunk call where there is, and a manifest of which is which."""
         import json
 
         from ..codegen import chunk_delta, chunk_diag
+        from ..codegen.emit_torch import emit_elementwise
+        from ..codegen.plan import plan_chunks
         from ..codegen.recurrent import render_recurrent
 
         recurrent = f"{self.name}_recurrent.py"
         files = {recurrent: render_recurrent(self.spec)}
-        manifest: dict = {"recurrent": recurrent, "plan": None, "kernels": {}}
+        manifest: dict = {"recurrent": recurrent, "plan": None, "elementwise": [], "kernels": {}}
         if self.no_chunk_form is None:
             manifest["plan"] = f"{self.name}_plan.py"
             files[manifest["plan"]] = self.plan_source()
+            for module, source in emit_elementwise(plan_chunks(self.analysis)).items():
+                files[f"{module}.py"] = source
+                manifest["elementwise"].append(f"{module}.py")
             kernels: dict[str, dict] = {"diag": {}, "delta": {}}
             for call, kernel in self.chunk_kernels():
                 render = chunk_delta.render if call.kind == "delta" else chunk_diag.render

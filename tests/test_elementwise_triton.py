@@ -1,0 +1,206 @@
+"""The fused Triton prologue / epilogue (templates/elementwise.py.jinja) against the
+plan's PyTorch ones, which print the same derivation (codegen/elementwise.py) op by op.
+
+Both run on the same fp32 data with random cotangents; values and gradients must agree
+to a relative RMS of 1e-6. Gradients summed over tokens (weights) may differ by more in
+summation order alone (fp32 sums over B * T tokens with cancellation), so those are held
+to a three-way bound instead: against the PyTorch program in fp64, within a small multiple
+of the fp32 PyTorch program's own error (or of 1e-6, whichever is larger).
+"""
+import pytest
+import torch
+
+import attnc
+from attnc.codegen.emit_torch import elementwise_parts, emit_elementwise
+from attnc.codegen.plan import plan_chunks
+from attnc.runtime.verify import verify
+
+from test_ops_diag import ZOO  # the spec that uses every function of the language
+
+CHUNK_SPECS = ["linear_attn", "retnet", "mamba2", "gla", "hgrn2", "rwkv6",
+               "deltanet", "gated_deltanet", "kda"]
+
+# a gate from weights alone (an operand with no per-token input), a vector weight inside a
+# feature map, integer, half-integer, constant and param powers
+WEIGHTED = """
+attention weighted
+  dims    K, V
+  inputs  q[K], k[K], v[V]
+  weight  A_log, u[K]
+  param   p = 1.5
+
+  feature k = k * sigmoid(u)
+  feature q = (q * q + 1) ** 0.75 / (sum(q * q) + 1) ** 3 + (q * q + 2) ** p
+  gate    a = exp(-exp(A_log))
+  state   S[K, V]
+  decay   S = a * S
+  update  S = S + outer(k, v)
+  readout o = q @ S
+end
+"""
+
+TOLERANCE = 1e-6
+SUMMED = 4  # gradients summed over tokens: this many times PyTorch's own fp32 error (or 1e-6)
+
+
+def _op(name):
+    return {"zoo": lambda: attnc.compile(ZOO), "weighted": lambda: attnc.compile(WEIGHTED)}.get(
+        name, lambda: attnc.load(name))()
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-30)).item()
+
+
+def _programs(op):
+    """(part, program input names, PyTorch Function, Triton Function) of both parts."""
+    plan = op.plan_module()
+    parts = elementwise_parts(plan_chunks(op.analysis))
+    torch_fns = plan.elementwise("torch")
+    triton_fns = plan.elementwise("triton")
+    return parts.dims, [
+        ("prologue", parts.prologue.inputs, torch_fns[0], triton_fns[0]),
+        ("epilogue", parts.epilogue.inputs, torch_fns[1], triton_fns[1]),
+    ]
+
+
+def _arguments(op, names, dims, *, B, T, H, K, V, scale=1.0, gen):
+    weights = {w.name for w in op.spec.weights}
+    sizes = {"K": K, "V": V}
+    args = []
+    for name in names:
+        D = sizes[dims[name]] if dims.get(name) else 1
+        shape = (1, 1, H, D) if name in weights else (B, T, H, D)
+        args.append((scale * torch.randn(*shape, generator=gen)).requires_grad_())
+    return args
+
+
+def _compare(label, names, fn_torch, fn_triton, params, args, weights, gen):
+    """Forward values and every gradient, Triton vs PyTorch (fp32) and vs fp64."""
+    args64 = [a.detach().double().requires_grad_() for a in args]
+    out_torch = fn_torch.apply(params, *args)
+    out_triton = fn_triton.apply(params, *args)
+    out_64 = fn_torch.apply(params, *args64)
+    assert len(out_torch) == len(out_triton)
+    for i, (x, t) in enumerate(zip(out_triton, out_torch)):
+        assert x.dtype == torch.float32 and torch.isfinite(x).all(), f"{label} output {i}"
+        x, t = torch.broadcast_tensors(x, t)  # an operand of weights alone: [1, 1, H, D] in torch
+        assert _rel(x, t) <= TOLERANCE, f"{label} output {i}: {_rel(x, t):.2e}"
+    cotangents = [torch.randn(o.shape, generator=gen) for o in out_triton]
+    grads_triton = torch.autograd.grad(out_triton, args, cotangents, allow_unused=True)
+    cot_torch = [c.sum((0, 1), keepdim=True) if o.shape != c.shape else c
+                 for o, c in zip(out_torch, cotangents)]
+    grads_torch = torch.autograd.grad(out_torch, args, cot_torch, allow_unused=True)
+    grads_64 = torch.autograd.grad(out_64, args64, [c.double() for c in cot_torch],
+                                   allow_unused=True)
+    for name, x, t, g64 in zip(names, grads_triton, grads_torch, grads_64):
+        if t is None:
+            assert x is None or not x.any(), f"{label} d{name}: PyTorch has none"
+            continue
+        assert x is not None and x.shape == t.shape, f"{label} d{name}"
+        if name in weights:   # a sum over tokens: summation order counts
+            bound = SUMMED * max(TOLERANCE, _rel(t, g64))
+            assert _rel(x, g64) <= bound, f"{label} d{name}: {_rel(x, g64):.2e} > {bound:.2e}"
+        else:
+            assert _rel(x, t) <= TOLERANCE, f"{label} d{name}: {_rel(x, t):.2e}"
+
+
+def _check_spec(name, *, B=2, T=37, H=3, K=16, V=24, scale=1.0, weights_per_token=False):
+    op = _op(name)
+    dims, programs = _programs(op)
+    gen = torch.Generator().manual_seed(7)
+    params = {p.name: 0.7 for p in op.spec.params}
+    weights = {w.name for w in op.spec.weights}
+    for part, names, fn_torch, fn_triton in programs:
+        args = _arguments(op, names, dims, B=B, T=T, H=H, K=K, V=V, scale=scale, gen=gen)
+        if weights_per_token:
+            args = [a.detach().expand(B, T, *a.shape[2:]).contiguous().requires_grad_()
+                    for a in args]
+        _compare(f"{name} {part}", names, fn_torch, fn_triton, params, args,
+                 set() if weights_per_token else weights, gen)
+
+
+@pytest.mark.parametrize("name", CHUNK_SPECS + ["zoo", "weighted"])
+def test_fused_matches_pytorch(name):
+    _check_spec(name)
+
+
+# the interpreter evaluates both branches of tl.where, and numpy warns about the one not taken
+@pytest.mark.filterwarnings("ignore:divide by zero", "ignore:invalid value")
+@pytest.mark.parametrize("name", ["zoo", "mamba2"])
+def test_large_arguments_stay_finite(name):
+    """Stable forms: softplus, logsigmoid, sigmoid, elu, tanh at |x| ~ 30, K not a power of two."""
+    _check_spec(name, scale=10.0, K=20, V=8)
+
+
+@pytest.mark.parametrize("name", ["zoo", "mamba2", "rwkv6", "weighted"])
+def test_weights_per_token_and_single_token(name):
+    """A weight given per token takes per-token gradients; with B * T = 1 nothing is
+    summed over tokens."""
+    _check_spec(name, weights_per_token=True, T=5)
+    _check_spec(name, B=1, T=1, H=2)
+
+
+@pytest.mark.parametrize("name", ["gated_deltanet", "zoo"])
+@pytest.mark.parametrize("layout", ["repeated", "expanded", "transposed"])
+def test_gqa_heads_and_strided_tensors(name, layout):
+    """Inputs shared by groups of heads, repeated as the op does (binding.expand_heads);
+    one head seen by all through a stride-0 view (no copy); a [B, H, T, D] layout seen as
+    [B, T, H, D]. Cotangents are strided views too. Gradients reach the shared tensors
+    through autograd."""
+    op = _op(name)
+    dims, programs = _programs(op)
+    B, T, H, K, V = 2, 19, 4, 16, 24
+    gen = torch.Generator().manual_seed(3)
+    params = {p.name: 0.7 for p in op.spec.params}
+    weights = {w.name for w in op.spec.weights}
+    heads = {"repeated": H // 2, "expanded": 1, "transposed": H}[layout]
+    for part, names, fn_torch, fn_triton in programs:
+        shared = _arguments(op, names, dims, B=B, T=T, H=heads, K=K, V=V, gen=gen)
+
+        def per_head(name_, x):
+            if name_ in weights:
+                return x.repeat_interleave(H // x.shape[2], dim=2)
+            if layout == "repeated":
+                return x.repeat_interleave(H // heads, dim=2)
+            if layout == "expanded":
+                return x.expand(B, T, H, x.shape[-1])
+            return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+        grads = []
+        for fn in (fn_torch, fn_triton):
+            outs = fn.apply(params, *(per_head(n, x) for n, x in zip(names, shared)))
+            cot_gen = torch.Generator().manual_seed(5)
+            cots = [torch.randn(*o.shape[:-1], 2 * o.shape[-1], generator=cot_gen)[..., ::2]
+                    for o in outs]
+            grads.append(torch.autograd.grad(outs, shared, cots, allow_unused=True))
+        for name_, t, x in zip(names, *grads):
+            if t is not None:
+                # sums over tokens (weights) or heads (the expanded view): summation order
+                summed = name_ in weights or layout == "expanded"
+                bound = SUMMED * TOLERANCE if summed else TOLERANCE
+                assert _rel(x, t) <= bound, f"{name} {part} d{name_}: {_rel(x, t):.2e}"
+
+
+def test_plan_runs_the_fused_parts_on_triton():
+    """The fused modules ride in the op's sources beside the plan, are named after the
+    spec, and the plan picks them by backend."""
+    op = attnc.load("gated_deltanet")
+    files = op.sources()
+    assert {"gated_deltanet_prologue.py", "gated_deltanet_epilogue.py"} <= set(files)
+    assert "def gated_deltanet_prologue_fwd(" in files["gated_deltanet_prologue.py"]
+    assert "def gated_deltanet_prologue_bwd(" in files["gated_deltanet_prologue.py"]
+    plan = op.plan_module()
+    assert plan.elementwise("torch") == (plan.Prologue, plan.Epilogue)
+    fused = plan.elementwise("triton")
+    assert [f.__module__.split("_")[2:4] for f in fused] == [["gated", "deltanet"]] * 2
+    assert emit_elementwise(plan_chunks(op.analysis)).keys() == {
+        "gated_deltanet_prologue", "gated_deltanet_epilogue"}
+
+
+@pytest.mark.parametrize("name", ["mamba2", "rwkv6", "gated_deltanet", "weighted"])
+def test_end_to_end_on_triton(name):
+    """Whole op (fused prologue, chunk kernels, fused epilogue) against the fp64 reference."""
+    result = verify(_op(name), backend="triton", B=1, T=40, H=2, K=16, V=16)
+    assert result.ok, result.errors
