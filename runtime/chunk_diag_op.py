@@ -8,28 +8,10 @@ algorithm in plain PyTorch.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from attnc.codegen.chunk_diag import DiagKernelSpec, chunk_diag_torch, render
-from attnc.runtime.loader import load_module
-from attnc.runtime.settings import settings
-
-BACKENDS = ("triton", "torch")
-DOT_PRECISIONS = ("tf32", "tf32x3", "ieee")
-
-
-def gate_kind(q: torch.Tensor, g: torch.Tensor | None) -> str:
-    """"none", "scalar" or "channel", from the shape of the K-side log gate."""
-    if g is None:
-        return "none"
-    if tuple(g.shape) == tuple(q.shape[:3]):
-        return "scalar"
-    if tuple(g.shape) == tuple(q.shape):
-        return "channel"
-    raise ValueError(f"g has shape {tuple(g.shape)}; expected [B, T, H] = {tuple(q.shape[:3])} for a scalar "
-                     f"gate or [B, T, H, K] = {tuple(q.shape)} for a per-channel gate")
+from ..codegen.chunk_diag import DiagKernelSpec, chunk_diag_torch, render
+from .kernels import KernelModules, LaunchOptions, check_backend, gate_kind
 
 
 def kernel_spec(q: torch.Tensor, g, gv, exclusive: bool, name: str | None = None) -> DiagKernelSpec:
@@ -41,47 +23,16 @@ def kernel_spec(q: torch.Tensor, g, gv, exclusive: bool, name: str | None = None
     return DiagKernelSpec(name=name, gate=gate, vgate=gv is not None, exclusive=exclusive)
 
 
-def register_kernels(spec: DiagKernelSpec, module) -> None:
-    """Use an already loaded kernel module (e.g. from the kernel cache) for `spec`."""
-    ChunkDiagFunction.modules[spec] = module
-
-
-@dataclass(frozen=True)
-class LaunchOptions:
-    """How the rendered launchers run: chunk size, tl.dot precision for fp32 operands,
-    interpreter mode (fp32 dots), NaN-poisoned outputs (tests) and a tuned config."""
-
-    chunk_size: int = 64
-    input_precision: str = "tf32"
-    interpret: bool = False
-    poison: bool = False
-    # tuned overrides of the launchers' defaults (the module's TUNABLE keys), as sorted
-    # (key, value) pairs so that options stay hashable; () runs the defaults
-    config: tuple[tuple[str, int], ...] = ()
-
-    def as_kwargs(self) -> dict:
-        return dict(chunk_size=self.chunk_size, interpret=self.interpret,
-                    input_precision=self.input_precision, poison=self.poison,
-                    config=dict(self.config) or None)
+# rendered and imported modules, one per DiagKernelSpec
+MODULES = KernelModules(render, lambda spec: spec.name)
 
 
 class ChunkDiagFunction(torch.autograd.Function):
     """Autograd over the rendered module's forward and backward launchers."""
 
-    # rendered and imported modules, one per DiagKernelSpec
-    modules: dict[DiagKernelSpec, object] = {}
-
-    @classmethod
-    def module_for(cls, spec: DiagKernelSpec):
-        module = cls.modules.get(spec)
-        if module is None:
-            source = render(spec)
-            config = settings()
-            if config.dump_dir is not None:
-                load_module(source, spec.name, config.dump_dir)
-            module = load_module(source, spec.name, config.cache_dir / "modules")
-            cls.modules[spec] = module
-        return module
+    @staticmethod
+    def module_for(spec: DiagKernelSpec):
+        return MODULES.get(spec)
 
     @staticmethod
     def forward(ctx, q, k, v, g, gv, h0, cu_seqlens, spec, output_final_state, options):
@@ -130,16 +81,10 @@ def chunk_diag(q, k, v, g=None, gv=None, h0=None, cu_seqlens=None, *, exclusive:
     config: tuned launch values overriding the kernels' defaults (keys: the rendered module's
     TUNABLE, e.g. num_warps, block_k; runtime/autotune.py), forward and backward alike;
     the "torch" backend ignores it."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r}: expected one of {', '.join(BACKENDS)}")
-    if input_precision not in DOT_PRECISIONS:
-        raise ValueError(f"input_precision={input_precision!r}: expected one of {', '.join(DOT_PRECISIONS)}")
+    check_backend(backend, input_precision)
     spec = kernel_spec(q, g, gv, exclusive, name)
-    if poison is None:
-        poison = settings().poison
     if backend == "torch":
         return chunk_diag_torch(q, k, v, g, gv, h0, cu_seqlens, exclusive, output_final_state, chunk_size)
-    interpret = settings().interpret or q.device.type != "cuda"
-    options = LaunchOptions(chunk_size=chunk_size, input_precision=input_precision,
-                            interpret=interpret, poison=poison, config=tuple(sorted((config or {}).items())))
+    options = LaunchOptions.for_call(q.device, chunk_size=chunk_size, input_precision=input_precision,
+                                     poison=poison, config=config)
     return ChunkDiagFunction.apply(q, k, v, g, gv, h0, cu_seqlens, spec, output_final_state, options)

@@ -335,14 +335,14 @@ def register_kernels(kind: str, fields: dict, module) -> None:
     """Hand a kernel module loaded from the cache to the chunk op that runs it."""
     if kind == "delta":
         from ..codegen.chunk_delta import DeltaKernelSpec
-        from .chunk_delta_op import ChunkDeltaFunction
+        from .chunk_delta_op import MODULES
 
-        ChunkDeltaFunction.modules[DeltaKernelSpec(**fields)] = module
+        MODULES.register(DeltaKernelSpec(**fields), module)
     else:
         from ..codegen.chunk_diag import DiagKernelSpec
-        from .chunk_diag_op import register_kernels as register_diag
+        from .chunk_diag_op import MODULES
 
-        register_diag(DiagKernelSpec(**fields), module)
+        MODULES.register(DiagKernelSpec(**fields), module)
 
 
 def _stream_dtype(tensors):

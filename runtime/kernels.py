@@ -1,0 +1,91 @@
+"""What the chunk ops share: their backends, tl.dot precisions, the gate-shape check,
+launch options, and the registry of rendered kernel modules (rendered and imported on
+first use, or handed over already loaded from the kernel cache)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Callable, Hashable
+
+import torch
+
+from .loader import load_module
+from .settings import settings
+
+BACKENDS = ("triton", "torch")
+DOT_PRECISIONS = ("tf32", "tf32x3", "ieee")
+
+
+def check_backend(backend: str, input_precision: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}: expected one of {', '.join(BACKENDS)}")
+    if input_precision not in DOT_PRECISIONS:
+        raise ValueError(f"input_precision={input_precision!r}: expected one of "
+                         f"{', '.join(DOT_PRECISIONS)}")
+
+
+def gate_kind(q: torch.Tensor, g: torch.Tensor | None) -> str:
+    """"none", "scalar" or "channel", from the shape of the K-side log gate."""
+    if g is None:
+        return "none"
+    if tuple(g.shape) == tuple(q.shape[:3]):
+        return "scalar"
+    if tuple(g.shape) == tuple(q.shape):
+        return "channel"
+    raise ValueError(f"g has shape {tuple(g.shape)}; expected [B, T, H] = {tuple(q.shape[:3])} for a scalar "
+                     f"gate or [B, T, H, K] = {tuple(q.shape)} for a per-channel gate")
+
+
+@dataclass(frozen=True)
+class LaunchOptions:
+    """How the rendered launchers run: chunk size, tl.dot precision for fp32 operands,
+    interpreter mode (fp32 dots), NaN-poisoned buffers (tests) and a tuned config."""
+
+    chunk_size: int = 64
+    input_precision: str = "tf32"
+    interpret: bool = False
+    poison: bool = False
+    # tuned overrides of the launchers' defaults (the module's TUNABLE keys), as sorted
+    # (key, value) pairs so that options stay hashable; () runs the defaults
+    config: tuple[tuple[str, int], ...] = ()
+
+    @classmethod
+    def for_call(cls, device: torch.device, *, chunk_size: int, input_precision: str,
+                 poison: bool | None, config: dict | None) -> "LaunchOptions":
+        run = settings()
+        return cls(chunk_size=chunk_size, input_precision=input_precision,
+                   interpret=run.interpret or device.type != "cuda",
+                   poison=run.poison if poison is None else poison,
+                   config=tuple(sorted((config or {}).items())))
+
+    def as_kwargs(self) -> dict:
+        return dict(chunk_size=self.chunk_size, interpret=self.interpret,
+                    input_precision=self.input_precision, poison=self.poison,
+                    config=dict(self.config) or None)
+
+
+class KernelModules:
+    """Rendered kernel modules, one per kernel spec, imported from real files (which
+    @triton.jit needs) under `settings().cache_dir / "modules"`, and also written to
+    ATTNC_DUMP_DIR when it is set."""
+
+    def __init__(self, render: Callable[[Hashable], str], file_name: Callable[[Hashable], str]):
+        self._render = render
+        self._file_name = file_name
+        self._modules: dict[Hashable, ModuleType] = {}
+
+    def get(self, spec: Hashable) -> ModuleType:
+        module = self._modules.get(spec)
+        if module is None:
+            source = self._render(spec)
+            name = self._file_name(spec)
+            config = settings()
+            if config.dump_dir is not None:
+                load_module(source, name, config.dump_dir)
+            module = load_module(source, name, config.cache_dir / "modules")
+            self._modules[spec] = module
+        return module
+
+    def register(self, spec: Hashable, module: ModuleType) -> None:
+        """Use an already loaded module (e.g. from the kernel cache) for `spec`."""
+        self._modules[spec] = module
