@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Everything a GPU session should run, in one command (device time is scarce):
+#   1. the GPU test suite, 2. tuning the standard shape, 3. the benchmark.
+# Results and logs go to ${OUT:-bench/results}. The device image has torch and Triton
+# but not lark/platformdirs/filelock/fla-core: fetch their wheels into .whl first
+# (see .library/device/README.md), e.g.
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux2014_x86_64 -d .whl lark==1.3.1 platformdirs filelock fla-core==0.6.0
+set -uo pipefail
+out=${OUT:-bench/results}
+mkdir -p "$out"
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version --format=csv | tee "$out/device.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
+    | tee -a "$out/device.txt"
+timeout 900 python3 -m pytest tests/test_gpu.py -q -x --durations=10 -p no:cacheprovider \
+    2>&1 | tee "$out/gpu_tests.log"
+for spec in mamba2 gla gated_deltanet deltanet; do
+    timeout 600 attnc cache tune "$spec" --shape 16,2048,16,128,128 --dtype bf16 \
+        2>&1 | tee -a "$out/tune.log"
+done
+timeout 1200 python3 bench/bench.py --out "$out" 2>&1 | tee "$out/bench.log"
