@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Everything a GPU session should run, in one command (device time is scarce):
-#   1. the GPU test suite, 2. tuning the standard shape, 3. the benchmark.
+# What a GPU session should run (device time is scarce; one device command may run at
+# most 10 minutes, so run the steps as separate commands):
+#   bench/gpu_session.sh tests     the GPU test suite
+#   bench/gpu_session.sh tune      tune the standard shape for the benchmarked specs
+#   bench/gpu_session.sh bench     the benchmark (writes <device>.md and .png)
 # Results and logs go to ${OUT:-bench/results}. The device image has torch and Triton
 # but not lark/platformdirs/filelock/fla-core: fetch their wheels into .whl first
 # (see .library/device/README.md), e.g.
@@ -18,10 +21,18 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version --format=csv | tee "$out/device.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
     | tee -a "$out/device.txt"
-timeout 900 python3 -m pytest tests/test_gpu.py -q -x --durations=10 -p no:cacheprovider \
-    2>&1 | tee "$out/gpu_tests.log"
+step=${1:-tests}
+case "$step" in
+tests)
+timeout 540 python3 -m pytest tests/test_gpu.py -q -x --durations=10 -p no:cacheprovider \
+    2>&1 | tee "$out/gpu_tests.log" ;;
+tune)
 for spec in mamba2 gla gated_deltanet deltanet; do
-    timeout 600 attnc cache tune "$spec" --shape 16,2048,16,128,128 --dtype bf16 \
+    timeout 130 attnc cache tune "$spec" --shape 16,2048,16,128,128 --dtype bf16 \
         2>&1 | tee -a "$out/tune.log"
-done
-timeout 1200 python3 bench/bench.py --out "$out" 2>&1 | tee "$out/bench.log"
+done ;;
+bench)
+timeout 560 python3 bench/bench.py --out "$out" 2>&1 | tee "$out/bench.log" ;;
+*)
+echo "usage: bench/gpu_session.sh tests|tune|bench" >&2; exit 2 ;;
+esac
