@@ -10,6 +10,8 @@
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux2014_x86_64 -d .whl lark==1.3.1 platformdirs filelock fla-core==0.6.0
 set -uo pipefail
+step=${1:-tests}
+case "$step" in tests|tune|bench) ;; *) echo "usage: bench/gpu_session.sh tests|tune|bench" >&2; exit 2 ;; esac
 out=${OUT:-bench/results}
 mkdir -p "$out"
 if [ -d .whl ]; then
@@ -21,7 +23,6 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version --format=csv | tee "$out/device.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
     | tee -a "$out/device.txt"
-step=${1:-tests}
 case "$step" in
 tests)
 timeout 540 python3 -m pytest tests/test_gpu.py -q -x --durations=10 -p no:cacheprovider \
@@ -33,6 +34,4 @@ for spec in mamba2 gla gated_deltanet deltanet; do
 done ;;
 bench)
 timeout 560 python3 bench/bench.py --out "$out" 2>&1 | tee "$out/bench.log" ;;
-*)
-echo "usage: bench/gpu_session.sh tests|tune|bench" >&2; exit 2 ;;
 esac
