@@ -179,21 +179,10 @@ def _tune(args) -> int:
     dtype_name = DTYPES.get(args.dtype.strip().lower())
     if dtype_name is None:
         raise ValueError(f"--dtype {args.dtype!r}: expected one of {', '.join(DTYPES)}")
-    try:
-        shape = [int(part) for part in args.shape.split(",")]
-    except ValueError:
-        raise ValueError(f"--shape {args.shape!r}: expected comma-separated integers "
-                         "B,T,H followed by the spec's dims, e.g. 8,2048,16,128,128") from None
-    if any(size < 1 for size in shape):
-        raise ValueError(f"--shape {args.shape!r}: sizes must be positive")
     with warnings.catch_warnings():  # the error below says it better
         warnings.simplefilter("ignore", NotChunkParallelWarning)
         op = compile(args.spec)
-    names = [d.name for d in op.spec.dims]
-    if len(shape) != 3 + len(names):
-        raise ValueError(f"--shape {args.shape!r}: {op.name} needs B,T,H,{','.join(names)} "
-                         f"({3 + len(names)} numbers), got {len(shape)}")
-    B, T, H, *sizes = shape
+    B, T, H, dims = parse_shape(op, args.shape)
     if args.varlen is not None and B != 1:
         raise ValueError(f"--varlen packs sequences along T with B = 1, got B = {B}")
     if op.no_chunk_form is not None:
@@ -204,7 +193,7 @@ def _tune(args) -> int:
     if settings().interpret:
         raise TuningError("tuning needs compiled kernels, but Triton's interpreter is on "
                           "(unset TRITON_INTERPRET / ATTNC_INTERPRET)")
-    result = tune(op, B=B, T=T, H=H, dims=dict(zip(names, sizes)),
+    result = tune(op, B=B, T=T, H=H, dims=dims,
                   dtype=getattr(torch, dtype_name), device="cuda", num_sequences=args.varlen,
                   mode=args.mode)
     defaults = [ms for config, ms in result.timings if config == {"chunk_size": 64}]
@@ -240,3 +229,21 @@ def _age(seconds: float) -> str:
         if seconds >= span:
             return f"{seconds / span:.1f} {unit}"
     return f"{seconds:.0f} s"
+
+
+def parse_shape(op, text: str) -> tuple[int, int, int, dict[str, int]]:
+    """(B, T, H, dims) from "B,T,H" followed by the spec's dims in the order it declares
+    them (e.g. "8,2048,16,128,128" for B,T,H,K,V)."""
+    try:
+        shape = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--shape {text!r}: expected comma-separated integers "
+                         "B,T,H followed by the spec's dims, e.g. 8,2048,16,128,128") from None
+    if any(size < 1 for size in shape):
+        raise ValueError(f"--shape {text!r}: sizes must be positive")
+    names = [d.name for d in op.spec.dims]
+    if len(shape) != 3 + len(names):
+        raise ValueError(f"--shape {text!r}: {op.name} needs B,T,H,{','.join(names)} "
+                         f"({3 + len(names)} numbers), got {len(shape)}")
+    B, T, H, *sizes = shape
+    return B, T, H, dict(zip(names, sizes))

@@ -180,8 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("spec", metavar="SPEC")
     show.set_defaults(run=_cmd_show)
     from .cache_cli import add_cache_commands
+    from .gpu_cli import add_gpu_commands
 
     add_cache_commands(sub)
+    add_gpu_commands(sub)
     return parser
 
 

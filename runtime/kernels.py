@@ -3,6 +3,8 @@ launch options, and the registry of rendered kernel modules (rendered and import
 first use, or handed over already loaded from the kernel cache)."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Callable, Hashable
@@ -13,6 +15,33 @@ from .loader import load_module
 from .settings import settings
 
 BACKENDS = ("triton", "torch")
+
+# Set while runtime/launches.py records the launches a call would make on a GPU: the
+# launchers then choose what they would choose there (compiled kernels, bf16 dots, GPU
+# block sizes) although the tensors live on the CPU and no kernel runs.
+_AS_ON_GPU = contextvars.ContextVar("attnc_as_on_gpu", default=False)
+
+
+def interpreted(device: torch.device) -> bool:
+    """Whether kernels for tensors on `device` run in Triton's interpreter."""
+    if _AS_ON_GPU.get():
+        return False
+    return settings().interpret or device.type != "cuda"
+
+
+def on_gpu_path(device: torch.device) -> bool:
+    """Whether a call on `device` takes the GPU's path (Triton kernels by default)."""
+    return _AS_ON_GPU.get() or device.type == "cuda" or settings().interpret
+
+
+@contextlib.contextmanager
+def as_on_gpu():
+    """Within: launchers decide as on a GPU (see runtime/launches.py)."""
+    token = _AS_ON_GPU.set(True)
+    try:
+        yield
+    finally:
+        _AS_ON_GPU.reset(token)
 DOT_PRECISIONS = ("tf32", "tf32x3", "ieee")
 
 
@@ -54,7 +83,7 @@ class LaunchOptions:
                  poison: bool | None, config: dict | None) -> "LaunchOptions":
         run = settings()
         return cls(chunk_size=chunk_size, input_precision=input_precision,
-                   interpret=run.interpret or device.type != "cuda",
+                   interpret=interpreted(device),
                    poison=run.poison if poison is None else poison,
                    config=tuple(sorted((config or {}).items())))
 

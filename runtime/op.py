@@ -213,11 +213,10 @@ class CompiledOp:
         return _unwrap(outputs), _unwrap(tuple(f.float() for f in finals))
 
     def _backend(self, bound, backend):
-        from .settings import settings
+        from .kernels import on_gpu_path
 
         if backend is None:
-            use_triton = bound.device.type == "cuda" or settings().interpret
-            return "triton" if use_triton else "torch"
+            return "triton" if on_gpu_path(bound.device) else "torch"
         if backend not in ("triton", "torch"):
             raise ValueError(f"backend must be 'triton' or 'torch', got {backend!r}")
         return backend

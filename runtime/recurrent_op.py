@@ -22,6 +22,7 @@ import torch
 from ..codegen.recurrent import render_recurrent
 from ..dsl import ir
 from .binding import Bound
+from .kernels import interpreted
 from .loader import load_module
 from .settings import settings
 
@@ -46,10 +47,6 @@ def module_for(spec: ir.Spec) -> ModuleType:
 def register_recurrent(spec: ir.Spec, module: ModuleType) -> None:
     """Use an already loaded recurrent module (e.g. from the kernel cache) for `spec`."""
     _MODULES[spec] = module
-
-
-def _interpret(device: torch.device) -> bool:
-    return settings().interpret or device.type != "cuda"
 
 
 def _stream_dtype(tensors) -> torch.dtype:
@@ -129,7 +126,7 @@ def recurrent(spec: ir.Spec, bound: Bound, *, output_final_state: bool, checkpoi
     inputs = tuple(bound.inputs[i.name] for i in spec.inputs)
     weights = tuple(bound.weights[w.name] for w in spec.weights)
     initial = bound.initial_states or (None,) * len(spec.states)
-    options = dict(interpret=_interpret(bound.device), poison=poison, split_block=split_block)
+    options = dict(interpret=interpreted(bound.device), poison=poison, split_block=split_block)
     values = RecurrentFunction.apply(spec, dict(bound.params), bound.cu_seqlens, output_final_state,
                                      checkpoint, options, (len(inputs), len(weights)),
                                      *inputs, *weights, *initial)
@@ -194,5 +191,5 @@ def step(spec: ir.Spec, bound: Bound, states: torch.Tensor | Sequence[torch.Tens
         outputs, new_states, _ = module.forward(
             inputs, weights, dict(bound.params), initial, bound.cu_seqlens, output_final_state=True,
             final_states=finals, state_indices=state_indices, output_dtype=_stream_dtype(inputs),
-            interpret=_interpret(bound.device), poison=poison, split_block=split_block)
+            interpret=interpreted(bound.device), poison=poison, split_block=split_block)
     return outputs, new_states

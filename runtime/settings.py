@@ -85,3 +85,11 @@ def apply_process_settings() -> None:
     logging.getLogger("attnc").setLevel(config.log_level)
     if config.interpret and "triton" not in sys.modules:
         os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def use_compiled_kernels() -> None:
+    """For commands that compile kernels for a GPU (`attnc aot`): Triton without its
+    interpreter, whatever TRITON_INTERPRET / ATTNC_INTERPRET say. Takes effect only if
+    triton is not imported yet (Triton reads the variable at its import)."""
+    os.environ["TRITON_INTERPRET"] = "0"
+    os.environ.pop("ATTNC_INTERPRET", None)

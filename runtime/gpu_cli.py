@@ -1,0 +1,200 @@
+"""`attnc trace` and `attnc aot`: what a call does on a GPU, found out without one.
+
+    attnc trace gla --shape 1,2048,16,128,128      every kernel launch and PyTorch pass of a
+                                                   forward, backward and decode step, with the
+                                                   bytes each moves against the memory floor
+    attnc aot gla gated_deltanet --target cuda:90  compile each of those launches for an H100
+                                                   (registers, spills, shared memory)
+
+Both record the launches with runtime/launches.py; `aot` compiles them with runtime/aot.py.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+
+DEFAULT_BTH = (1, 256, 16)
+DEFAULT_DIM = 128
+
+
+def add_gpu_commands(subparsers) -> None:
+    for name, run, text in (
+        ("trace", _cmd_trace, "list the kernel launches and PyTorch passes of one call as on a "
+         "GPU (no GPU needed), with the bytes each moves"),
+        ("aot", _cmd_aot, "compile every kernel a call launches for a GPU target on this "
+         "machine (no GPU needed): errors, registers, spills, shared memory"),
+    ):
+        cmd = subparsers.add_parser(name, help=text)
+        cmd.add_argument("specs", nargs="+" if name == "aot" else 1, metavar="SPEC",
+                         help="a .attn file or the name of a shipped spec")
+        cmd.add_argument("--shape", metavar="B,T,H,DIMS",
+                         help="batch, tokens, heads, then the spec's dims in declaration order "
+                         f"(default {','.join(map(str, DEFAULT_BTH))} and {DEFAULT_DIM} for each dim)")
+        cmd.add_argument("--dtype", default="bf16", help="input dtype: bf16, fp16 or fp32")
+        cmd.add_argument("--config", metavar="KEY=VALUE,...",
+                         help="launch config to record instead of the defaults, e.g. "
+                         "chunk_size=64,num_warps=8,block_k=64")
+        cmd.add_argument("--no-backward", dest="backward", action="store_false",
+                         help="forward (and decode step) only")
+        cmd.add_argument("--json", action="store_true", help="machine-readable report")
+        if name == "aot":
+            cmd.add_argument("--target", default="cuda:90",
+                             help="compute capability to compile for (default cuda:90, H100/H200)")
+        cmd.set_defaults(run=run)
+
+
+def _turn_interpreter_off() -> None:
+    """Compiled kernels need Triton without its interpreter: switch it off before triton
+    is first imported (it cannot be switched off after)."""
+    from .settings import use_compiled_kernels
+
+    use_compiled_kernels()
+
+
+def _parse_config(text: str | None) -> dict[str, int] | None:
+    if not text:
+        return None
+    config = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--config {text!r}: expected KEY=VALUE pairs separated by commas")
+        try:
+            config[key.strip()] = int(value)
+        except ValueError:
+            raise ValueError(f"--config {text!r}: {key.strip()} needs an integer, got {value!r}") from None
+    return config
+
+
+def _traces(args):
+    """(op, trace) for each spec of the command line."""
+    import torch
+
+    from .cache_cli import DTYPES, parse_shape
+    from .compiler import NotChunkParallelWarning, compile
+    from .launches import record
+
+    dtype_name = DTYPES.get(args.dtype.strip().lower())
+    if dtype_name is None:
+        raise ValueError(f"--dtype {args.dtype!r}: expected one of {', '.join(DTYPES)}")
+    config = _parse_config(args.config)
+    chunk_size = config.pop("chunk_size", None) if config else None
+    for source in args.specs:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotChunkParallelWarning)
+            op = compile(source)
+        if args.shape:
+            B, T, H, dims = parse_shape(op, args.shape)
+        else:
+            B, T, H = DEFAULT_BTH
+            dims = {d.name: DEFAULT_DIM for d in op.spec.dims}
+        trace = record(op, B=B, T=T, H=H, dims=dims, dtype=getattr(torch, dtype_name),
+                       backward=args.backward, config=config if config else None,
+                       chunk_size=chunk_size)
+        yield op, (B, T, H, dims), trace
+
+
+def _run(args, body) -> int:
+    from ..dsl.errors import SpecError
+    from .aot import AotError
+
+    _turn_interpreter_off()
+    try:
+        return body(args)
+    except SpecError as err:
+        print(err, file=sys.stderr)
+    except (AotError, OSError, ValueError) as err:
+        print(f"attnc {args.command}: error: {err}", file=sys.stderr)
+    return 1
+
+
+def _mb(nbytes: int) -> str:
+    return f"{nbytes / 1e6:9.2f} MB"
+
+
+def _cmd_trace(args) -> int:
+    return _run(args, _trace)
+
+
+def _trace(args) -> int:
+    from .launches import KernelLaunch
+
+    reports = []
+    for op, (B, T, H, dims), trace in _traces(args):
+        if args.json:
+            reports.append({
+                "spec": op.name, "shape": {"B": B, "T": T, "H": H, **dims},
+                "phases": {phase: {"bytes": trace.bytes(phase),
+                                   "floor_bytes": trace.floor_bytes.get(phase),
+                                   "events": [_event_json(e) for e in trace.events
+                                              if e.phase == phase]}
+                           for phase in trace.phases()}})
+            continue
+        print(f"{op.name}: B={B} T={T} H={H} {' '.join(f'{k}={v}' for k, v in dims.items())} "
+              f"{args.dtype}, as on a GPU")
+        for phase in trace.phases():
+            floor = trace.floor_bytes.get(phase)
+            ratio = f" = {trace.bytes(phase) / floor:.1f} x the floor ({_mb(floor).strip()})" \
+                if floor else ""
+            print(f"  {phase}: {_mb(trace.bytes(phase)).strip()} moved{ratio}")
+            for event in trace.events:
+                if event.phase != phase:
+                    continue
+                if isinstance(event, KernelLaunch):
+                    grid = "x".join(map(str, event.grid))
+                    print(f"    kernel {event.name:38s}{_mb(event.tensor_bytes)}  grid {grid}")
+                else:
+                    print(f"    torch  {event.name:38s}{_mb(event.bytes)}")
+    if args.json:
+        print(json.dumps(reports, indent=2))
+    return 0
+
+
+def _event_json(event) -> dict:
+    from .launches import KernelLaunch
+
+    if isinstance(event, KernelLaunch):
+        return {"kernel": event.name, "bytes": event.tensor_bytes, "grid": list(event.grid),
+                **event.options}
+    return {"torch": event.name, "bytes": event.bytes}
+
+
+def _cmd_aot(args) -> int:
+    return _run(args, _aot)
+
+
+def _aot(args) -> int:
+    from .aot import Target, compile_trace
+
+    target = Target.parse(args.target)
+    failed = spilled = 0
+    reports = []
+    for op, _, trace in _traces(args):
+        results = compile_trace(trace, target)
+        if args.json:
+            reports.append({"spec": op.name, "target": str(target),
+                            "kernels": [r.__dict__ | {"ok": r.ok} for r in results]})
+        else:
+            print(f"{op.name} for {target}:")
+        for r in results:
+            failed += not r.ok
+            spilled += bool(r.spill_bytes)
+            if args.json:
+                continue
+            if r.error:
+                print(f"  {r.name:38s} FAILED  {r.error.splitlines()[0][:200]}")
+                continue
+            smem = f"{r.shared_bytes / 1024:6.1f} KiB smem"
+            flags = (" OVER THE SHARED-MEMORY LIMIT" if r.over_shared_limit else "") + \
+                (f" spills {r.spill_bytes} B/thread" if r.spill_bytes else "")
+            regs = "?" if r.registers is None else r.registers
+            print(f"  {r.name:38s} ok  {regs:>3} regs {smem}  warps {r.num_warps} "
+                  f"stages {r.num_stages if r.num_stages is not None else '-'}  "
+                  f"{r.seconds:4.1f} s{flags}")
+    if args.json:
+        print(json.dumps(reports, indent=2))
+    elif failed or spilled:
+        print(f"{failed} kernel(s) failed to compile or fit; {spilled} spill registers to local memory",
+              file=sys.stderr)
+    return 1 if failed else 0

@@ -1,0 +1,100 @@
+"""Launch traces and ahead-of-time GPU compiles, on a machine without a GPU.
+
+runtime/launches.py records what a call launches as if on a GPU; runtime/aot.py hands
+those launches to Triton's real compiler for an H100 (`cuda:90`). The compile tests run
+`attnc aot` in a subprocess, since compiled kernels need Triton without its interpreter.
+"""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import triton.language as tl
+from triton.runtime.jit import KernelInterface
+
+import attnc
+from attnc.runtime import kernels
+from attnc.runtime.aot import AotError, Target, distinct_launches, source_for
+from attnc.runtime.launches import KernelLaunch, TensorArg, record
+
+
+def run_cli(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "attnc.runtime.cli", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_trace_records_the_gpu_launches_of_forward_backward_and_step():
+    launch_as_defined = KernelInterface.__getitem__
+    op = attnc.load("gla")
+    trace = record(op, B=1, T=64, H=2, dims={"K": 32, "V": 32}, dtype=torch.bfloat16)
+    assert KernelInterface.__getitem__ is launch_as_defined      # restored
+    assert not kernels._AS_ON_GPU.get()                          # restored
+    assert [k.name for k in trace.launches("forward")] == [
+        "gla_prologue_fwd", "gla_S_gate_cumsum", "gla_S_chunk_state_fwd",
+        "gla_S_intra_scores", "gla_S_chunk_output_fwd", "gla_epilogue_fwd"]
+    backward = [k.name for k in trace.launches("backward")]
+    assert {"gla_S_chunk_state_bwd", "gla_S_chunk_dqdk", "gla_S_chunk_dv",
+            "gla_S_gate_grad", "gla_prologue_bwd"} <= set(backward)
+    assert [k.name for k in trace.launches("step")] == ["gla_recurrent_fwd"]
+    # decided as on a GPU: bf16 tensor-core dots, not the interpreter's fp32 ones
+    state = next(k for k in trace.launches("forward") if k.name == "gla_S_chunk_state_fwd")
+    assert state.arguments["DOT_DTYPE"] == tl.bfloat16
+    assert state.options["num_warps"] >= 1
+    assert isinstance(state.arguments["k"], TensorArg)
+    assert state.arguments["k"].dtype == torch.bfloat16
+    # bytes: the floor is q, k, v, g and o in bf16; a forward moves at least that
+    assert trace.floor_bytes["forward"] == 5 * 64 * 2 * 32 * 2
+    assert trace.bytes("forward") >= trace.floor_bytes["forward"]
+
+
+def test_trace_of_a_spec_without_chunk_form_is_the_recurrent_kernel():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        op = attnc.load("mamba1")
+    trace = record(op, B=2, T=16, H=2, dims={"K": 16, "V": 16}, step=False)
+    assert [k.name for k in trace.launches()] == ["mamba1_recurrent_fwd", "mamba1_recurrent_bwd"]
+    assert trace.phases() == ["forward", "backward"]
+
+
+def test_source_for_turns_arguments_into_a_signature():
+    op = attnc.load("linear_attn")
+    trace = record(op, B=1, T=32, H=2, dims={"K": 16, "V": 16}, backward=False, step=False)
+    launch = next(k for k in trace.launches() if "chunk_state" in k.name)
+    with pytest.raises(AotError, match="interpreter"):
+        source_for(launch)   # this process runs Triton's interpreter
+    assert len(distinct_launches(trace)) == len({k.name for k in trace.launches()})
+
+
+def test_target_parsing():
+    assert str(Target.parse("cuda:90")) == "cuda:90"
+    assert Target.parse("sm_90a").arch == 90
+    assert Target.parse("90").shared_memory_limit == 232448
+    with pytest.raises(AotError, match="compute capability"):
+        Target.parse("h100")
+
+
+def test_trace_cli_prints_launches_and_bytes():
+    run = run_cli("trace", "mamba2", "--shape", "1,64,2,32,32", "--no-backward")
+    assert run.returncode == 0, run.stderr
+    assert "mamba2_S_chunk_state_fwd" in run.stdout
+    assert "x the floor" in run.stdout
+    bad = run_cli("trace", "mamba2", "--shape", "1,64")
+    assert bad.returncode == 1
+    assert "needs B,T,H,K,V" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_aot_compiles_every_kernel_of_a_call_for_an_h100():
+    run = run_cli("aot", "linear_attn", "--shape", "1,64,2,32,32", "--json")
+    assert run.returncode == 0, run.stderr
+    (report,) = json.loads(run.stdout)
+    assert report["target"] == "cuda:90"
+    names = {k["name"] for k in report["kernels"]}
+    assert {"linear_attn_S_chunk_state_fwd", "linear_attn_S_chunk_output_fwd",
+            "linear_attn_S_chunk_dqdk", "linear_attn_recurrent_fwd"} <= names
+    for kernel in report["kernels"]:
+        assert kernel["ok"] and kernel["error"] is None, kernel
+        assert 0 < kernel["registers"] <= 255
+        assert kernel["shared_bytes"] <= kernel["shared_limit"]
