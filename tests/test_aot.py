@@ -98,3 +98,19 @@ def test_aot_compiles_every_kernel_of_a_call_for_an_h100():
         assert kernel["ok"] and kernel["error"] is None, kernel
         assert 0 < kernel["registers"] <= 255
         assert kernel["shared_bytes"] <= kernel["shared_limit"]
+
+
+def test_delta_kernels_fit_in_registers_at_the_benchmark_width():
+    """gated_deltanet at K = V = 128 in bf16, the benchmark's shape: the forward kernels
+    spill no registers to local memory (the chunk's inverse used to spill 2.4 KB per
+    thread), and the per-chunk backward no more than a little."""
+    run = run_cli("aot", "gated_deltanet", "--json")
+    assert run.returncode == 0, run.stderr
+    (report,) = json.loads(run.stdout)
+    kernels = {k["name"]: k for k in report["kernels"]}
+    forward = [k for k in report["kernels"] if k["phase"] == "forward"]
+    assert {"gated_deltanet_S_wy_solve", "gated_deltanet_S_chunk_state_fwd"} <= {k["name"] for k in forward}
+    spilled = {k["name"]: k["spill_bytes"] for k in forward if k["spill_bytes"]}
+    assert not spilled, f"forward kernels spilling registers (bytes per thread): {spilled}"
+    assert kernels["gated_deltanet_S_chunk_state_bwd"]["spill_bytes"] == 0
+    assert kernels["gated_deltanet_S_chunk_bwd_wy"]["spill_bytes"] <= 256
