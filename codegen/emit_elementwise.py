@@ -63,7 +63,9 @@ class ElementwiseModule:
     constants: list[tuple[str, str]]     # (param name, kernel variable)
     program_lines: list[str]             # the PyTorch forward, quoted in the docstring
     outputs: list[tuple[str, str, str]]  # (output name, launcher variable, program value)
-    allocations: list[tuple[str, str]]   # (launcher variable, dim size code) of stored outputs
+    # (launcher variable, dim size code, streamed) of stored outputs; streamed ones are
+    # allocated in the stream dtype the launcher is handed, the others in fp32
+    allocations: list[tuple[str, str, bool]]
     dim_sources: list[tuple[str, str]]   # (dim, the input whose last axis gives its size)
     forward: Kernel
     backward: Kernel | None
@@ -77,15 +79,17 @@ class ElementwiseModule:
 
 
 def render_elementwise(spec_name: str, part: str, program: Program,
-                       dims: dict[str, Dim]) -> str:
-    """The Triton module of `program`; `dims` gives the dim of each input (None: scalar)."""
-    module = build_module(spec_name, part, program, dims)
+                       dims: dict[str, Dim], streamed: frozenset[str] = frozenset()) -> str:
+    """The Triton module of `program`; `dims` gives the dim of each input (None: scalar).
+    Outputs named in `streamed` are stored in the stream dtype (bf16 when the inputs are):
+    the chunk kernels read q, k and v in it, and outputs are returned in it."""
+    module = build_module(spec_name, part, program, dims, streamed)
     return environment().get_template("elementwise.py.jinja").render(
         m=module, eps=repr(L2NORM_EPS))
 
 
 def build_module(spec_name: str, part: str, program: Program,
-                 dims: dict[str, Dim]) -> ElementwiseModule:
+                 dims: dict[str, Dim], streamed: frozenset[str] = frozenset()) -> ElementwiseModule:
     dims = dict(dims)
     for step in program.steps:
         dims[step.target.name] = dim_of(step.expr, dims)
@@ -118,11 +122,14 @@ def build_module(spec_name: str, part: str, program: Program,
     fwd.body += [_load(x, dims[x]) for x in used_inputs]
     fwd.body += [f"b_{s.target.name} = {printer.code(s.expr)}" for s in program.steps]
     stored: dict[str, str] = {}   # step -> the tensor variable holding it
+    stored_streamed: dict[str, bool] = {}
     for name, value in program.outputs:
         value = value.name
         if value in stepped and value not in stored:
             stored[value] = f"out_{name}"
-            fwd.args.append(Arg(f"output {name}: [B, T, H, {_size(dims[value])}] fp32",
+            stored_streamed[value] = name in streamed
+            kind = "stream dtype" if name in streamed else "fp32"
+            fwd.args.append(Arg(f"output {name}: [B, T, H, {_size(dims[value])}] {kind}",
                                 (f"p_out_{name}",), f"out_{name}"))
             fwd.body.append(f"_store_tile(p_out_{name}, offs_n, h, H, {_size(dims[value])}, "
                             f"{_offs(dims[value])}, mask_n, {_mask(dims[value])}, b_{value})")
@@ -191,7 +198,7 @@ def build_module(spec_name: str, part: str, program: Program,
         constants=constants,
         program_lines=[f"{s.target.name} = {torch_code(s.expr)}" for s in program.steps],
         outputs=outputs,
-        allocations=[(name, _size(dims[var])) for var, name in stored.items()],
+        allocations=[(name, _size(dims[var]), stored_streamed[var]) for var, name in stored.items()],
         dim_sources=dim_sources,
         forward=fwd,
         backward=bwd if computed else None,

@@ -126,8 +126,15 @@ def emit_elementwise(plan: ChunkPlan) -> dict[str, str]:
     (<spec>_prologue, <spec>_epilogue): the plan module loads them from beside itself."""
     parts = elementwise_parts(plan)
     name = plan.spec.name
-    return {f"{name}_{part}": render_elementwise(name, part, program.program, parts.dims)
-            for part, program in (("prologue", parts.prologue), ("epilogue", parts.epilogue))}
+    # q, k and v operands go to the chunk kernels in the stream dtype (gates and beta stay
+    # fp32); every output is returned in it
+    operands = frozenset(names[role] for names in parts.call_vars
+                         for role in ("query", "key", "value") if names[role])
+    outputs = frozenset(output for output, _ in parts.epilogue.program.outputs)
+    return {f"{name}_prologue": render_elementwise(name, "prologue", parts.prologue.program,
+                                                   parts.dims, operands),
+            f"{name}_epilogue": render_elementwise(name, "epilogue", parts.epilogue.program,
+                                                   parts.dims, outputs)}
 
 
 def emit_plan(plan: ChunkPlan, version: str) -> str:

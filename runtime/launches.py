@@ -109,6 +109,11 @@ class _Recorder(TorchDispatchMode):
              "aten.detach", "aten.lift_fresh", "aten.alias", "aten._local_scalar_dense",
              "aten.set_", "aten.is_same_size")
 
+    # write their output without reading their tensor arguments (those give dtype, device
+    # or shape)
+    _WRITE_ONLY = ("aten.new_zeros", "aten.new_ones", "aten.new_full", "aten.zeros_like",
+                   "aten.ones_like", "aten.full_like", "aten.fill_", "aten.zero_")
+
     def __init__(self, trace: Trace):
         super().__init__()
         self.trace = trace
@@ -127,7 +132,8 @@ class _Recorder(TorchDispatchMode):
         fresh = [o for o in outputs if _storage(o) not in storages]
         if not fresh and not name.endswith("_"):
             return out
-        read = sum(t.numel() * t.element_size() for t in _distinct(inputs) if t.numel() > 1)
+        read = 0 if name.startswith(self._WRITE_ONLY) else \
+            sum(t.numel() * t.element_size() for t in _distinct(inputs) if t.numel() > 1)
         written = sum(o.numel() * o.element_size() for o in outputs)
         if read + written:
             self.trace.events.append(TorchOp(self.phase, name, read, written,

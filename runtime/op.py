@@ -82,7 +82,10 @@ class CompiledOp:
         H = bound.H
         values: dict[str, object] = {}
         for inp in self.spec.inputs:  # [B, T, H, D], scalars get D = 1
-            x = expand_heads(bound.inputs[inp.name], H).float()
+            x = expand_heads(bound.inputs[inp.name], H)
+            # the fused Triton prologue reads any dtype and computes in fp32; the PyTorch
+            # one computes in the tensors' dtype, so it gets fp32 copies
+            x = x if backend == "triton" else x.float()
             values[inp.name] = x if inp.shape else x.unsqueeze(-1)
         for w in self.spec.weights:   # [1, 1, H, D]
             x = bound.weights[w.name].float()

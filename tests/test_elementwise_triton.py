@@ -79,9 +79,9 @@ def _arguments(op, names, dims, *, B, T, H, K, V, scale=1.0, gen):
 def _compare(label, names, fn_torch, fn_triton, params, args, weights, gen):
     """Forward values and every gradient, Triton vs PyTorch (fp32) and vs fp64."""
     args64 = [a.detach().double().requires_grad_() for a in args]
-    out_torch = fn_torch.apply(params, *args)
-    out_triton = fn_triton.apply(params, *args)
-    out_64 = fn_torch.apply(params, *args64)
+    out_torch = fn_torch.apply(params, torch.float32, *args)
+    out_triton = fn_triton.apply(params, torch.float32, *args)
+    out_64 = fn_torch.apply(params, torch.float64, *args64)
     assert len(out_torch) == len(out_triton)
     for i, (x, t) in enumerate(zip(out_triton, out_torch)):
         assert x.dtype == torch.float32 and torch.isfinite(x).all(), f"{label} output {i}"
@@ -170,7 +170,7 @@ def test_gqa_heads_and_strided_tensors(name, layout):
 
         grads = []
         for fn in (fn_torch, fn_triton):
-            outs = fn.apply(params, *(per_head(n, x) for n, x in zip(names, shared)))
+            outs = fn.apply(params, torch.float32, *(per_head(n, x) for n, x in zip(names, shared)))
             cot_gen = torch.Generator().manual_seed(5)
             cots = [torch.randn(*o.shape[:-1], 2 * o.shape[-1], generator=cot_gen)[..., ::2]
                     for o in outs]
@@ -204,3 +204,31 @@ def test_end_to_end_on_triton(name):
     """Whole op (fused prologue, chunk kernels, fused epilogue) against the fp64 reference."""
     result = verify(_op(name), backend="triton", B=1, T=40, H=2, K=16, V=16)
     assert result.ok, result.errors
+
+
+def test_fused_parts_store_streamed_tensors_in_the_stream_dtype():
+    """On bf16 inputs the fused prologue stores the q, k, v operands of the chunk kernels
+    in bf16 (no conversion pass before them) and the log gate and beta in fp32; the
+    epilogue stores the outputs in bf16."""
+    op = _op("gated_deltanet")
+    dims, programs = _programs(op)
+    gen = torch.Generator().manual_seed(11)
+    params = {p.name: 0.7 for p in op.spec.params}
+    (_, pro_names, pro_torch, pro_triton), (_, epi_names, _, epi_triton) = programs
+    args = [a.detach().to(torch.bfloat16) for a in
+            _arguments(op, pro_names, dims, B=1, T=20, H=2, K=16, V=16, gen=gen)]
+    names = elementwise_parts(plan_chunks(op.analysis)).prologue.output_names
+    outputs = dict(zip(names, pro_triton.apply(params, torch.bfloat16, *args)))
+    reference = pro_torch.apply(params, torch.float32, *(a.float() for a in args))
+    computed = []
+    for (name, out), ref in zip(outputs.items(), reference):
+        if any(out.data_ptr() == a.data_ptr() for a in args):
+            continue   # an input unchanged is that input
+        computed.append(name)
+        streamed = name.endswith(("_query", "_key", "_value"))
+        assert out.dtype == (torch.bfloat16 if streamed else torch.float32), name
+        assert _rel(out.float(), ref) <= (1e-2 if streamed else TOLERANCE), name
+    assert {"S_query", "S_key"} <= set(computed)   # l2norm(q), l2norm(k)
+    epi_args = [a.detach().to(torch.bfloat16) for a in
+                _arguments(op, epi_names, dims, B=1, T=20, H=2, K=16, V=16, gen=gen)]
+    assert all(o.dtype == torch.bfloat16 for o in epi_triton.apply(params, torch.bfloat16, *epi_args))
