@@ -195,6 +195,6 @@ def _aot(args) -> int:
     if args.json:
         print(json.dumps(reports, indent=2))
     elif failed or spilled:
-        print(f"{failed} kernel(s) failed to compile or fit; {spilled} spill registers to local memory",
-              file=sys.stderr)
+        print(f"{failed} kernel(s) failed to compile or fit; {spilled} kernel(s) spill registers "
+              "to local memory", file=sys.stderr)
     return 1 if failed else 0

@@ -114,3 +114,27 @@ def test_delta_kernels_fit_in_registers_at_the_benchmark_width():
     assert not spilled, f"forward kernels spilling registers (bytes per thread): {spilled}"
     assert kernels["gated_deltanet_S_chunk_state_bwd"]["spill_bytes"] == 0
     assert kernels["gated_deltanet_S_chunk_bwd_wy"]["spill_bytes"] <= 256
+
+
+CHUNK_SPECS = ["linear_attn", "retnet", "mamba2", "gla", "hgrn2", "rwkv6", "deltanet",
+               "gated_deltanet", "kda"]
+
+
+@pytest.mark.parametrize("name", CHUNK_SPECS)
+def test_bf16_forward_makes_no_conversion_passes(name, monkeypatch):
+    """On bf16 inputs the forward is the generated kernels and nothing else over per-token
+    tensors: no upcast of inputs, no cast of operands between the prologue and the chunk
+    kernels. Only an output that comes straight out of a chunk kernel (no epilogue step,
+    e.g. hgrn2's) is cast once."""
+    monkeypatch.setenv("ATTNC_POISON", "0")   # as in use: no NaN-filled buffers
+    op = attnc.load(name)
+    trace = record(op, B=1, T=64, H=2, dims={"K": 32, "V": 32}, dtype=torch.bfloat16,
+                   backward=False, step=False)
+    per_token = 64 * 2 * 32 * 2   # bytes of one [B, T, H, 32] bf16 tensor
+    passes = [(t.name, t.shapes) for t in trace.torch_ops("forward") if t.bytes >= per_token]
+    casts = [p for p in passes if p[0] == "aten._to_copy"]
+    assert len(casts) == len(passes), f"{name}: PyTorch passes in the forward: {passes}"
+    assert len(casts) <= len(op.spec.outputs), f"{name}: conversions in the forward: {casts}"
+    if name not in ("hgrn2",):
+        assert not casts, f"{name}: conversions in the forward: {casts}"
+    assert trace.launches("forward"), name
