@@ -26,7 +26,7 @@ def add_gpu_commands(subparsers) -> None:
          "machine (no GPU needed): errors, registers, spills, shared memory"),
     ):
         cmd = subparsers.add_parser(name, help=text)
-        cmd.add_argument("specs", nargs="+" if name == "aot" else 1, metavar="SPEC",
+        cmd.add_argument("specs", nargs="+", metavar="SPEC",
                          help="a .attn file or the name of a shipped spec")
         cmd.add_argument("--shape", metavar="B,T,H,DIMS",
                          help="batch, tokens, heads, then the spec's dims in declaration order "
