@@ -82,6 +82,18 @@ class KernelReport:
         return self.error is None and not self.over_shared_limit
 
     @property
+    def error_summary(self) -> str | None:
+        """One line: the error type, where in the kernel (line:col of its source) and the
+        compiler's reason (the last line of its message, which quotes the source first)."""
+        if self.error is None:
+            return None
+        lines = [line.strip() for line in self.error.splitlines() if line.strip()]
+        where = re.search(r"at (\d+:\d+)", lines[0])
+        kind = lines[0].split(":", 1)[0]
+        at = f" at {where.group(1)} of {self.name}" if where else ""
+        return f"{kind}{at}: {lines[-1]}" if len(lines) > 1 else lines[0]
+
+    @property
     def over_shared_limit(self) -> bool:
         return (self.shared_bytes is not None and self.shared_limit is not None
                 and self.shared_bytes > self.shared_limit)

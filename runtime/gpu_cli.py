@@ -174,7 +174,8 @@ def _aot(args) -> int:
         results = compile_trace(trace, target)
         if args.json:
             reports.append({"spec": op.name, "target": str(target),
-                            "kernels": [r.__dict__ | {"ok": r.ok} for r in results]})
+                            "kernels": [r.__dict__ | {"ok": r.ok, "error_summary": r.error_summary}
+                                        for r in results]})
         else:
             print(f"{op.name} for {target}:")
         for r in results:
@@ -183,7 +184,7 @@ def _aot(args) -> int:
             if args.json:
                 continue
             if r.error:
-                print(f"  {r.name:38s} FAILED  {r.error.splitlines()[0][:200]}")
+                print(f"  {r.name:38s} FAILED  {r.error_summary}")
                 continue
             smem = f"{r.shared_bytes / 1024:6.1f} KiB smem"
             flags = (" OVER THE SHARED-MEMORY LIMIT" if r.over_shared_limit else "") + \

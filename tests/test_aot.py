@@ -138,3 +138,50 @@ def test_bf16_forward_makes_no_conversion_passes(name, monkeypatch):
     if name not in ("hgrn2",):
         assert not casts, f"{name}: conversions in the forward: {casts}"
     assert trace.launches("forward"), name
+
+
+BAD_KERNEL = '''
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def narrow_dot(x, out, N: tl.constexpr):
+    # a tl.dot of 8-wide operands: the interpreter runs it, the GPU compiler rejects it
+    offs = tl.arange(0, N)
+    tile = tl.load(x + offs[:, None] * N + offs[None, :])
+    tile = tile.to(tl.bfloat16)
+    tl.store(out + offs[:, None] * N + offs[None, :], tl.dot(tile, tile))
+'''
+
+REPORT_BAD_KERNEL = '''
+import os, sys
+os.environ["TRITON_INTERPRET"] = "0"
+sys.path.insert(0, sys.argv[1])
+import torch
+from attnc.runtime.aot import Target, compile_launch
+from attnc.runtime.launches import KernelLaunch, TensorArg
+from bad_kernel import narrow_dot
+
+def tensor():
+    return TensorArg(torch.float32, (64,), 256, True)
+
+for n in (8, 16):
+    launch = KernelLaunch("forward", narrow_dot, (1,), {"x": tensor(), "out": tensor(), "N": n},
+                          {"num_warps": 4})
+    report = compile_launch(launch, Target.parse("cuda:90"))
+    print(n, report.ok, report.error_summary)
+'''
+
+
+def test_aot_reports_what_the_gpu_compiler_rejects(tmp_path):
+    """A kernel the interpreter accepts but Triton's GPU compiler rejects comes back as a
+    failed report with the compiler's message, and its legal twin compiles."""
+    (tmp_path / "bad_kernel.py").write_text(BAD_KERNEL)
+    (tmp_path / "report.py").write_text(REPORT_BAD_KERNEL)
+    run = subprocess.run([sys.executable, str(tmp_path / "report.py"), str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    narrow, legal = run.stdout.strip().splitlines()
+    assert narrow.startswith("8 False CompilationError at 6:") and "K >= 16" in narrow, narrow
+    assert legal.startswith("16 True"), legal
