@@ -113,7 +113,7 @@ def elementwise_parts(plan: ChunkPlan) -> ElementwiseParts:
     prologue = _program("Prologue", operands, tensors, floats)
     placeholders = sorted({_py_name(lr.placeholder.name) for r in analysis.readouts
                            for lr in r.linear})
-    readouts = [(r.name, r.combinator.xreplace(rename)) for r in analysis.readouts]
+    readouts = [(name, combinator.xreplace(rename)) for name, combinator in plan.combinators]
     epilogue = _program("Epilogue", readouts, placeholders + tensors, floats)
     dims = {}
     for name, shape in analysis.shapes.items():
@@ -160,7 +160,9 @@ def emit_plan(plan: ChunkPlan, version: str) -> str:
             "initial_state": (f"initial_states[{state_index[call.state]}]"
                               if call.takes_initial else "None"),
         }
-        call_fields = {**call.__dict__, "readout": call.readout and _py_name(call.readout)}
+        call_fields = {**call.__dict__, "readout": call.readout and _py_name(call.readout),
+                       "scale": _scale_code(call.scale),
+                       "out_dtype": "dtype" if call.direct else "None"}
         read_op = "+=" if call.readout in seen else "="
         final_op = "+=" if call.state in seen else "="
         seen.update({call.readout, call.state} if call.gives_final else {call.readout})
@@ -184,6 +186,11 @@ def emit_plan(plan: ChunkPlan, version: str) -> str:
         states=[s.name for s in spec.states],
         l2norm_eps=repr(L2NORM_EPS),
     )
+
+
+def _scale_code(factor: sp.Expr) -> str:
+    """Python code of a readout factor made of params (floats in `values`) and numbers."""
+    return torch_code(factor.xreplace({s: sp.Symbol(f'values["{s.name}"]') for s in factor.free_symbols}))
 
 
 def _gate_arg(var: str | None, kind: str) -> str:

@@ -10,6 +10,7 @@ plan's prologue; the readout combinators run in its epilogue.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import sympy as sp
@@ -44,6 +45,11 @@ class ChunkCall:
     takes_initial: bool            # the state's initial state enters through this call
     gives_final: bool              # this call's final state is one term of the state's
     beta: sp.Expr | None = None    # delta: the step size
+    # A readout `c * (q^T S)` with c made of params and numbers, whose value no other
+    # readout reads: the kernel multiplies by c and stores the output in the stream dtype
+    # itself, so no epilogue pass over it follows (`direct`).
+    scale: sp.Expr = sp.Integer(1)
+    direct: bool = False
 
     def kernel_name(self, spec_name: str, n_calls: int) -> str:
         """Generated kernels are named after the spec and the state they compute."""
@@ -54,6 +60,9 @@ class ChunkCall:
 class ChunkPlan:
     analysis: Analysis
     calls: tuple[ChunkCall, ...]
+    # each output as the epilogue computes it from the calls' outputs (placeholders) and
+    # the inputs: the analysis' combinator, less a factor a call applies (ChunkCall.scale)
+    combinators: tuple[tuple[str, sp.Expr], ...] = ()
 
     @property
     def spec(self):
@@ -85,7 +94,33 @@ def plan_chunks(analysis: Analysis) -> ChunkPlan:
         for j, term in enumerate(terms):
             for i, lr in enumerate(reads):
                 calls.append(_call(len(calls), st, j, term, lr, first_read=(i == 0)))
-    return ChunkPlan(analysis, tuple(calls))
+    calls, combinators = _fold_readout_factors(analysis, calls)
+    return ChunkPlan(analysis, tuple(calls), combinators)
+
+
+def _fold_readout_factors(analysis: Analysis, calls: list[ChunkCall]):
+    """Move a constant factor of a readout (`o = scale * (q @ S)`) into the one call that
+    computes it: the kernel scales and stores `o` in the stream dtype, and the epilogue
+    hands it through instead of reading and writing it again."""
+    params = {p.name for p in analysis.spec.params}
+    combinators = {r.name: r.combinator for r in analysis.readouts}
+    for r in analysis.readouts:
+        if len(r.linear) != 1 or len(r.shape) != 1:
+            continue
+        placeholder = r.linear[0].placeholder
+        factor = sp.simplify(r.combinator / placeholder)
+        writers = [i for i, c in enumerate(calls) if c.readout == placeholder.name]
+        shared = any(placeholder in other.combinator.free_symbols
+                     for other in analysis.readouts if other.name != r.name)
+        if (len(writers) != 1 or shared or factor == 0
+                or calls[writers[0]].log_gate_v is not None
+                or {s.name for s in factor.free_symbols} - params
+                or factor.atoms(sp.Function) or not factor.is_real):
+            continue
+        (i,) = writers
+        calls[i] = dataclasses.replace(calls[i], scale=factor, direct=True)
+        combinators[r.name] = placeholder
+    return calls, tuple(combinators.items())
 
 
 def _gate(st: StateForm) -> str:

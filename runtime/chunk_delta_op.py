@@ -27,11 +27,14 @@ class ChunkDeltaFunction(torch.autograd.Function):
         return MODULES.get(spec)
 
     @staticmethod
-    def forward(ctx, q, k, v, beta, g, h0, cu_seqlens, spec, output_final_state, options):
+    def forward(ctx, q, k, v, beta, g, h0, cu_seqlens, spec, output_final_state, options, scale,
+                out_dtype):
         module = ChunkDeltaFunction.module_for(spec)
-        o, ht = module.forward(q, k, v, beta, g, h0, cu_seqlens, output_final_state, **options.as_kwargs())
+        o, ht = module.forward(q, k, v, beta, g, h0, cu_seqlens, output_final_state,
+                               scale=scale, out_dtype=out_dtype, **options.as_kwargs())
         ctx.save_for_backward(q, k, v, beta, g, h0, cu_seqlens)
         ctx.spec = spec
+        ctx.scale = scale
         ctx.options = options
         ctx.set_materialize_grads(False)
         return o, ht
@@ -39,24 +42,26 @@ class ChunkDeltaFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dht):
         q, k, v, beta, g, h0, cu_seqlens = ctx.saved_tensors
-        nothing = (None,) * 10
+        nothing = (None,) * 12
         if do is None and dht is None:
             return nothing
         if do is None:
             do = torch.zeros(*v.shape, dtype=torch.float32, device=v.device)
         module = ChunkDeltaFunction.module_for(ctx.spec)
-        grads = module.backward(q, k, v, beta, g, h0, cu_seqlens, do, dht, **ctx.options.as_kwargs())
+        grads = module.backward(q, k, v, beta, g, h0, cu_seqlens, do, dht, scale=ctx.scale,
+                                **ctx.options.as_kwargs())
         dq, dk, dv, dbeta, dg, dh0 = (
             None if grad is None else grad.to(like.dtype)
             for grad, like in zip(grads, (q, k, v, beta, g, h0))
         )
-        return dq, dk, dv, dbeta, dg, dh0, None, None, None, None
+        return dq, dk, dv, dbeta, dg, dh0, None, None, None, None, None, None
 
 
 def chunk_delta(q, k, v, beta, g=None, h0=None, cu_seqlens=None, *, output_final_state: bool,
                 chunk_size: int = 64, backend: str = "triton", name: str = "delta",
                 input_precision: str = "tf32", poison: bool | None = None,
-                config: dict | None = None):
+                config: dict | None = None, scale: float = 1.0,
+                out_dtype: torch.dtype | None = None):
     """(o, ht) of S_t = (I - beta_t k_t k_t^T) D_t S_{t-1} + beta_t k_t v_t^T, o_t = q_t^T S_t.
 
     q, k: [B, T, H, K]; v: [B, T, H, V] (fp32, fp16 or bf16; scale folded into q, keys
@@ -65,6 +70,9 @@ def chunk_delta(q, k, v, beta, g=None, h0=None, cu_seqlens=None, *, output_final
     [N, H, K, V]; cu_seqlens: None or [N + 1] offsets of sequences packed along T (then B == 1).
     o is [B, T, H, V] fp32; ht is [N, H, K, V] fp32 when `output_final_state`, else None.
     Gradients flow to q, k, v, beta, g and h0.
+
+    scale, out_dtype: o = scale * q_t^T S_t, stored in out_dtype (default fp32) by the
+    kernel itself: a readout's constant factor and the output's dtype, with no pass after.
 
     name: prefix of the generated kernels. input_precision: tl.dot precision for fp32 inputs
     on a GPU ("ieee" for full fp32). poison: NaN-fill kernel buffers before they are written
@@ -75,7 +83,9 @@ def chunk_delta(q, k, v, beta, g=None, h0=None, cu_seqlens=None, *, output_final
     check_backend(backend, input_precision)
     spec = DeltaKernelSpec(name=name, gate=gate_kind(q, g))
     if backend == "torch":
-        return chunk_delta_torch(q, k, v, beta, g, h0, cu_seqlens, output_final_state, chunk_size)
+        o, ht = chunk_delta_torch(q, k, v, beta, g, h0, cu_seqlens, output_final_state, chunk_size)
+        return (o * scale).to(out_dtype or torch.float32), ht
     options = LaunchOptions.for_call(q.device, chunk_size=chunk_size, input_precision=input_precision,
                                      poison=poison, config=config)
-    return ChunkDeltaFunction.apply(q, k, v, beta, g, h0, cu_seqlens, spec, output_final_state, options)
+    return ChunkDeltaFunction.apply(q, k, v, beta, g, h0, cu_seqlens, spec, output_final_state, options,
+                                    float(scale), out_dtype)

@@ -35,12 +35,15 @@ class ChunkDiagFunction(torch.autograd.Function):
         return MODULES.get(spec)
 
     @staticmethod
-    def forward(ctx, q, k, v, g, gv, h0, cu_seqlens, spec, output_final_state, options):
+    def forward(ctx, q, k, v, g, gv, h0, cu_seqlens, spec, output_final_state, options, scale,
+                out_dtype):
         module = ChunkDiagFunction.module_for(spec)
-        o, ht = module.forward(q, k, v, g, gv, h0, cu_seqlens, output_final_state, **options.as_kwargs())
+        o, ht = module.forward(q, k, v, g, gv, h0, cu_seqlens, output_final_state,
+                               scale=scale, out_dtype=out_dtype, **options.as_kwargs())
         # o is an output anyway; the V-side gate gradient needs it
         ctx.save_for_backward(q, k, v, g, gv, h0, cu_seqlens, o if spec.vgate else None)
         ctx.spec = spec
+        ctx.scale = scale
         ctx.options = options
         ctx.set_materialize_grads(False)
         return o, ht
@@ -48,24 +51,25 @@ class ChunkDiagFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dht):
         q, k, v, g, gv, h0, cu_seqlens, o = ctx.saved_tensors
-        nothing = (None,) * 10
+        nothing = (None,) * 12
         if do is None and dht is None:
             return nothing
         if do is None:
             do = torch.zeros(*v.shape, dtype=torch.float32, device=v.device)
         module = ChunkDiagFunction.module_for(ctx.spec)
-        grads = module.backward(q, k, v, g, gv, h0, cu_seqlens, do, dht, o=o, **ctx.options.as_kwargs())
+        grads = module.backward(q, k, v, g, gv, h0, cu_seqlens, do, dht, o=o, scale=ctx.scale,
+                                **ctx.options.as_kwargs())
         dq, dk, dv, dg, dgv, dh0 = (
             None if grad is None else grad.to(like.dtype)
             for grad, like in zip(grads, (q, k, v, g, gv, h0))
         )
-        return dq, dk, dv, dg, dgv, dh0, None, None, None, None
+        return dq, dk, dv, dg, dgv, dh0, None, None, None, None, None, None
 
 
 def chunk_diag(q, k, v, g=None, gv=None, h0=None, cu_seqlens=None, *, exclusive: bool,
                output_final_state: bool, chunk_size: int = 64, backend: str = "triton",
                input_precision: str = "tf32", poison: bool | None = None, name: str | None = None,
-               config: dict | None = None):
+               config: dict | None = None, scale: float = 1.0, out_dtype: torch.dtype | None = None):
     """(o, ht) of S_t = diag(exp(g_t)) S_{t-1} diag(exp(gv_t)) + k_t v_t^T, o_t = q_t^T S_t
     (o_t = q_t^T S_{t-1} when `exclusive`).
 
@@ -80,11 +84,16 @@ def chunk_diag(q, k, v, g=None, gv=None, h0=None, cu_seqlens=None, *, exclusive:
     name: prefix of the kernel names (default: from the structure).
     config: tuned launch values overriding the kernels' defaults (keys: the rendered module's
     TUNABLE, e.g. num_warps, block_k; runtime/autotune.py), forward and backward alike;
-    the "torch" backend ignores it."""
+    the "torch" backend ignores it.
+    scale, out_dtype: o = scale * q_t^T S_t, stored in out_dtype (default fp32) by the kernel
+    itself: a readout's constant factor and the output's dtype, with no pass after (not
+    with a V-side gate, whose gradient reads the unscaled output)."""
     check_backend(backend, input_precision)
     spec = kernel_spec(q, g, gv, exclusive, name)
     if backend == "torch":
-        return chunk_diag_torch(q, k, v, g, gv, h0, cu_seqlens, exclusive, output_final_state, chunk_size)
+        o, ht = chunk_diag_torch(q, k, v, g, gv, h0, cu_seqlens, exclusive, output_final_state, chunk_size)
+        return (o * scale).to(out_dtype or torch.float32), ht
     options = LaunchOptions.for_call(q.device, chunk_size=chunk_size, input_precision=input_precision,
                                      poison=poison, config=config)
-    return ChunkDiagFunction.apply(q, k, v, g, gv, h0, cu_seqlens, spec, output_final_state, options)
+    return ChunkDiagFunction.apply(q, k, v, g, gv, h0, cu_seqlens, spec, output_final_state, options,
+                                   float(scale), out_dtype)

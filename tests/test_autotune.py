@@ -14,6 +14,7 @@ from attnc.runtime import autotune
 from attnc.runtime.cache import KernelCache
 from attnc.runtime.chunk_delta_op import ChunkDeltaFunction, chunk_delta
 from attnc.runtime.chunk_diag_op import ChunkDiagFunction, chunk_diag
+from attnc.runtime.kernels import LaunchOptions
 from attnc.runtime.cli import main
 
 from conftest import HAS_CUDA, gpu
@@ -190,7 +191,7 @@ def _spy_launches(monkeypatch):
     original = ChunkDiagFunction.apply
 
     def apply(*args):
-        seen.append(args[-1])
+        seen.append(next(a for a in args if isinstance(a, LaunchOptions)))
         return original(*args)
 
     monkeypatch.setattr(ChunkDiagFunction, "apply", staticmethod(apply))

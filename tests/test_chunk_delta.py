@@ -266,3 +266,34 @@ def test_torch_backend_varlen_equals_batched():
     cu = torch.tensor([0, 40, 80, 120], dtype=torch.int32)
     o2, ht2 = chunk_delta_torch(*flat, h0, cu, True)
     assert torch.allclose(o.flatten(0, 1)[None], o2, atol=1e-5) and torch.allclose(ht, ht2, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_scale_and_output_dtype_are_applied_by_the_kernel(backend):
+    """o = scale * q^T S stored in out_dtype: values and every gradient as if the caller
+    had scaled and cast the fp32 output itself."""
+    torch.manual_seed(3)
+    case = Case("scalar", T=40, K=16, V=32, H=2)
+    inputs = make_inputs(case)
+    scale = 0.37
+    # a bf16 output's cotangent arrives in bf16: draw one that bf16 holds exactly
+    do = torch.randn(case.B, case.T, case.H, case.V).to(torch.bfloat16).double()
+    dht = torch.randn(case.B, case.H, case.K, case.V, dtype=torch.float64)
+
+    def scaled(q, k, v, beta, g, h0, cu_seqlens):
+        return chunk_delta(q, k, v, beta, g, h0, cu_seqlens, output_final_state=True,
+                           backend=backend, input_precision="ieee", poison=True,
+                           scale=scale, out_dtype=torch.bfloat16)
+
+    def reference(q, k, v, beta, g, h0, cu_seqlens):
+        o, ht = naive_recurrence(q, k, v, beta, g, h0, cu_seqlens)
+        return o * scale, ht
+
+    o, ht, grads = run_and_differentiate(scaled, inputs, do, dht)
+    double = [None if x is None else x.double() for x in inputs[:6]] + [inputs[6]]
+    ref_o, ref_ht, ref_grads = run_and_differentiate(reference, double, do, dht)
+    assert o.dtype == torch.bfloat16
+    assert rel_rms(o.float(), ref_o) <= BF16_TOLERANCE / 4   # one bf16 rounding
+    assert rel_rms(ht, ref_ht) <= FP32_TOLERANCE
+    for label, grad, ref in zip(("q", "k", "v", "beta", "g", "h0"), grads, ref_grads):
+        assert rel_rms(grad, ref) <= FP32_TOLERANCE, label

@@ -258,3 +258,43 @@ def test_loader_writes_once_and_imports_under_unique_names(tmp_path):
     elsewhere = load_module("VALUE = 2\n", "generated_thing", tmp_path / "other")
     assert elsewhere is not changed
     assert not list(tmp_path.glob("*.tmp")), "temporary files left behind"
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_scale_and_output_dtype_are_applied_by_the_kernel(backend):
+    """o = scale * q^T S stored in out_dtype: values and every gradient as if the caller
+    had scaled and cast the fp32 output itself."""
+    torch.manual_seed(4)
+    case = Case("channel", T=40, K=16, V=32, H=2)
+    inputs = make_inputs(case)
+    scale = 0.37
+    exclusive = False
+    # a bf16 output's cotangent arrives in bf16: draw one that bf16 holds exactly
+    do = torch.randn(case.B, case.T, case.H, case.V).to(torch.bfloat16).double()
+    dht = torch.randn(case.B, case.H, case.K, case.V, dtype=torch.float64)
+
+    def scaled(q, k, v, g, gv, h0, cu_seqlens):
+        return chunk_diag(q, k, v, g, gv, h0, cu_seqlens, exclusive=exclusive,
+                          output_final_state=True, backend=backend, input_precision="ieee",
+                          poison=True, scale=scale, out_dtype=torch.bfloat16)
+
+    def reference(q, k, v, g, gv, h0, cu_seqlens):
+        o, ht = naive_recurrence(q, k, v, g, gv, h0, cu_seqlens, exclusive)
+        return o * scale, ht
+
+    o, ht, grads = run_and_differentiate(scaled, inputs, do, dht)
+    double = [None if x is None else x.double() for x in inputs[:6]] + [inputs[6]]
+    ref_o, ref_ht, ref_grads = run_and_differentiate(reference, double, do, dht)
+    assert o.dtype == torch.bfloat16
+    assert rel_rms(o.float(), ref_o) <= BF16_TOLERANCE / 4   # one bf16 rounding
+    assert rel_rms(ht, ref_ht) <= FP32_TOLERANCE
+    for label, grad, ref in zip(("q", "k", "v", "g", "gv", "h0"), grads, ref_grads):
+        if ref is not None:
+            assert rel_rms(grad, ref) <= FP32_TOLERANCE, label
+
+
+def test_scale_with_a_v_side_gate_is_refused():
+    case = Case("scalar", T=20, K=16, V=16, vgate=True)
+    q, k, v, g, gv, h0, cu = make_inputs(case)
+    with pytest.raises(ValueError, match="V-side gate"):
+        chunk_diag(q, k, v, g, gv, h0, cu, exclusive=False, output_final_state=False, scale=0.5)
