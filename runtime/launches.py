@@ -209,8 +209,7 @@ def record(op, *, B: int, T: int, H: int, dims: dict[str, int], dtype=torch.bflo
     from .sampling import random_arguments
 
     trace = Trace()
-    for d in op.spec.dims:
-        dims.setdefault(d.name, 16)
+    dims = {d.name: dims.get(d.name, 16) for d in op.spec.dims}
     args = random_arguments(op.analysis, B=B, T=T, H=H, dims=dims, dtype=dtype,
                             requires_grad=backward)
     n = step_batch or B
