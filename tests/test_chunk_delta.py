@@ -297,3 +297,55 @@ def test_scale_and_output_dtype_are_applied_by_the_kernel(backend):
     assert rel_rms(ht, ref_ht) <= FP32_TOLERANCE
     for label, grad, ref in zip(("q", "k", "v", "beta", "g", "h0"), grads, ref_grads):
         assert rel_rms(grad, ref) <= FP32_TOLERANCE, label
+
+
+# On a GPU, W, U', the chunk states, U and their gradients are stored in the dtype the
+# kernels' dots round them to (bf16 here); the interpreter's dots are fp32, so it keeps them
+# fp32. This test forces bf16 storage to run the kernels that write and read such buffers on
+# the CPU. Expected error: a bf16 rounding (2^-9 relative) of those operands, a few e-3 on
+# o and the input gradients; more on the gate gradient (a difference of nearly cancelling
+# products, as on a GPU, where the dots round them whatever they are stored in).
+BF16_OPERANDS_TOLERANCE = 1e-2
+BF16_OPERANDS_GATE_TOLERANCE = 5e-2
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU every run stores bf16 operands")
+@pytest.mark.parametrize("case", [Case("scalar", T=100, K=32, V=16, dtype=torch.bfloat16),
+                                  Case("channel", T=64, K=16, V=32, dtype=torch.bfloat16)], ids=str)
+def test_bf16_operands_as_on_a_gpu(case, monkeypatch):
+    torch.manual_seed(zlib.crc32(str(case).encode()))
+    inputs = make_inputs(case)
+    module = ChunkDeltaFunction.module_for(DeltaKernelSpec("delta", case.gate))
+    ref_o, ref_ht = naive_recurrence(*[None if x is None else x.double() for x in inputs[:6]], None)
+    do, dht = torch.randn_like(ref_o), torch.randn_like(ref_ht)
+    ref_o, ref_ht, ref_grads = run_and_differentiate(naive_recurrence, inputs, do, dht)
+
+    def under_test(q, k, v, beta, g, h0, cu_seqlens):
+        return chunk_delta(q, k, v, beta, g, h0, cu_seqlens, output_final_state=True,
+                           chunk_size=case.chunk_size, backend="triton", input_precision="ieee", poison=True)
+
+    fp32_operands = run_and_differentiate(under_test, inputs, do, dht)
+    stored = []
+
+    class GpuStoragePlan(module._Plan):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.operand_dtype = torch.bfloat16
+
+        def new(self, *shape, dtype=torch.float32):
+            stored.append(dtype)
+            return super().new(*shape, dtype=dtype)
+
+    monkeypatch.setattr(module, "_Plan", GpuStoragePlan)
+    o, ht, grads = run_and_differentiate(under_test, inputs, do, dht)
+    # forward: w, u, states, v_new; backward: the same again, dstates, dv_new
+    assert stored.count(torch.bfloat16) == 10
+    assert not torch.equal(o, fp32_operands[0]), "the bf16 operands were not used"
+    assert rel_rms(o, ref_o) <= BF16_OPERANDS_TOLERANCE, f"o: rel RMS {rel_rms(o, ref_o):.2e}"
+    assert rel_rms(ht, ref_ht) <= BF16_OPERANDS_TOLERANCE, f"ht: rel RMS {rel_rms(ht, ref_ht):.2e}"
+    for label, grad, ref in zip(("q", "k", "v", "beta", "g", "h0"), grads, ref_grads):
+        if ref is None:
+            continue
+        assert torch.isfinite(grad).all(), f"d{label} has NaN/inf"
+        tolerance = BF16_OPERANDS_GATE_TOLERANCE if label == "g" else BF16_OPERANDS_TOLERANCE
+        assert rel_rms(grad, ref) <= tolerance, f"d{label}: rel RMS {rel_rms(grad, ref):.2e}"

@@ -298,3 +298,61 @@ def test_scale_with_a_v_side_gate_is_refused():
     q, k, v, g, gv, h0, cu = make_inputs(case)
     with pytest.raises(ValueError, match="V-side gate"):
         chunk_diag(q, k, v, g, gv, h0, cu, exclusive=False, output_final_state=False, scale=0.5)
+
+
+# On a GPU the chunk states and their gradients are stored in the dtype the kernels' dots
+# round them to (bf16 here). The interpreter's dots are fp32, so it keeps them fp32; this
+# test forces bf16 storage to run the kernels that write and read such buffers on the CPU.
+# Expected error: one bf16 rounding (2^-9 relative) of the states in every inter-chunk term,
+# ~3e-3 on o, dq, dk, dv. The gate gradients are differences of products (q.dq - k.dk) whose
+# terms nearly cancel, which multiplies that by about ten: the same happens on a GPU, whose
+# dots round the states whatever they are stored in (and in fla, which stores them in bf16).
+BF16_STATES_TOLERANCE = 1e-2
+BF16_STATES_GATE_TOLERANCE = 5e-2
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU every run stores bf16 states")
+@pytest.mark.parametrize("case", [Case("scalar", vgate=True, T=100, K=32, V=16, dtype=torch.bfloat16),
+                                  Case("channel", exclusive=True, T=100, K=16, V=32, dtype=torch.bfloat16)],
+                         ids=str)
+def test_bf16_chunk_states_as_on_a_gpu(case, monkeypatch):
+    from attnc.runtime.chunk_diag_op import ChunkDiagFunction
+    torch.manual_seed(0)
+    inputs = make_inputs(case)
+    module = ChunkDiagFunction.module_for(kernel_spec(inputs[0], inputs[3], inputs[4], case.exclusive))
+
+    def under_test(q, k, v, g, gv, h0, cu_seqlens):
+        return chunk_diag(q, k, v, g, gv, h0, cu_seqlens, exclusive=case.exclusive, output_final_state=True,
+                          chunk_size=case.chunk_size, backend="triton", input_precision="ieee", poison=True)
+
+    def golden(q, k, v, g, gv, h0, cu_seqlens):
+        return naive_recurrence(q, k, v, g, gv, h0, cu_seqlens, case.exclusive)
+
+    ref_o, ref_ht = golden(*[None if x is None else x.double() for x in inputs[:6]], None)
+    do, dht = torch.randn_like(ref_o), torch.randn_like(ref_ht)
+    ref_o, ref_ht, ref_grads = run_and_differentiate(golden, inputs, do, dht)
+    fp32_states = run_and_differentiate(under_test, inputs, do, dht)
+
+    stored = []
+
+    class GpuStoragePlan(module._Plan):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.operand_dtype = torch.bfloat16
+
+        def new(self, *shape, dtype=torch.float32):
+            stored.append(dtype)
+            return super().new(*shape, dtype=dtype)
+
+    monkeypatch.setattr(module, "_Plan", GpuStoragePlan)
+    o, ht, grads = run_and_differentiate(under_test, inputs, do, dht)
+    assert stored.count(torch.bfloat16) == 3, "states (forward, backward) and dstates in bf16"
+    assert not torch.equal(o, fp32_states[0]), "the bf16 states were not used"
+    assert rel_rms(o, ref_o) <= BF16_STATES_TOLERANCE, f"o: rel RMS {rel_rms(o, ref_o):.2e}"
+    assert rel_rms(ht, ref_ht) <= FP32_TOLERANCE, "the final state stays fp32"
+    for label, grad, ref in zip(("q", "k", "v", "g", "gv", "h0"), grads, ref_grads):
+        if ref is None:
+            continue
+        assert torch.isfinite(grad).all(), f"d{label} has NaN/inf"
+        tolerance = BF16_STATES_GATE_TOLERANCE if label in ("g", "gv") else BF16_STATES_TOLERANCE
+        assert rel_rms(grad, ref) <= tolerance, f"d{label}: rel RMS {rel_rms(grad, ref):.2e}"
