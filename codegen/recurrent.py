@@ -809,8 +809,8 @@ def _store(pointer: str, base: str, dims, tiles: Tiles, value: str, first_split:
     if first_split:
         mask = f"_first_split_only({mask}, i_split)" if mask else "i_split == 0"
     if mask:
-        return f"tl.store({address}, {value}, mask={mask})"
-    return f"tl.store({address}, {value})"
+        return f"tl.store({address}, _stored({value}, {pointer}), mask={mask})"
+    return f"tl.store({address}, _stored({value}, {pointer}))"
 
 
 def _input_loads(ctx: _Context, which) -> list[str]:

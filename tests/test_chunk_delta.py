@@ -199,16 +199,25 @@ def test_matches_naive_recurrence(case: Case, backend: str, golden_results):
         assert err <= tolerance, f"d{label}: rel RMS {err:.2e} > {tolerance}"
 
 
-def test_launchers_return_fp32_grads_shaped_like_inputs():
-    """The launchers themselves (not through autograd): shapes, dtypes, Nones, no dht."""
-    case = Case("channel", T=33, K=16, V=16, h0=False, dtype=torch.bfloat16)
+@pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU bf16 inputs take bf16 dots: no fp32 run gives the same values")
+@pytest.mark.parametrize("gate", ["channel", "scalar"])
+def test_launchers_return_grads_in_the_inputs_dtypes(gate):
+    """The launchers themselves (not through autograd): shapes, Nones, no dht, and each
+    gradient in its input's dtype, with the values autograd's conversion of the fp32 result
+    would give (the interpreter computes bf16 inputs in fp32, as fp32 copies of them)."""
+    case = Case(gate, T=33, K=16, V=16, h0=False, dtype=torch.bfloat16)
     q, k, v, beta, g, h0, cu_seqlens = make_inputs(case)
-    module = ChunkDeltaFunction.module_for(DeltaKernelSpec("delta", "channel"))
+    module = ChunkDeltaFunction.module_for(DeltaKernelSpec("delta", gate))
     o, ht = module.forward(q, k, v, beta, g, None, None, False, poison=True)
     assert o.dtype == torch.float32 and o.shape == v.shape and ht is None
-    grads = module.backward(q, k, v, beta, g, None, None, torch.randn_like(o), None, poison=True)
-    for grad, x in zip(grads[:5], (q, k, v, beta, g)):
-        assert grad.shape == x.shape and grad.dtype == torch.float32 and torch.isfinite(grad).all()
+    do = torch.randn_like(o)
+    grads = module.backward(q, k, v, beta, g, None, None, do, None, poison=True)
+    fp32_grads = module.backward(q.float(), k.float(), v.float(), beta.float(), g, None, None, do, None,
+                                 poison=True)
+    for label, grad, fp32_grad, x in zip("q k v beta g".split(), grads[:5], fp32_grads, (q, k, v, beta, g)):
+        assert grad.shape == x.shape and grad.dtype == x.dtype, label
+        assert torch.isfinite(grad).all(), label
+        assert torch.equal(grad, fp32_grad.to(x.dtype)), f"d{label} is not the fp32 result, converted"
     assert grads[5] is None
 
 
@@ -333,13 +342,20 @@ def test_bf16_operands_as_on_a_gpu(case, monkeypatch):
             self.operand_dtype = torch.bfloat16
 
         def new(self, *shape, dtype=torch.float32):
-            stored.append(dtype)
+            if tuple(shape[-2:]) == (case.K, case.V):
+                stored.append(("state", dtype))
+            elif dtype == torch.bfloat16:
+                stored.append(dtype)
             return super().new(*shape, dtype=dtype)
 
     monkeypatch.setattr(module, "_Plan", GpuStoragePlan)
     o, ht, grads = run_and_differentiate(under_test, inputs, do, dht)
-    # forward: w, u, states, v_new; backward: the same again, dstates, dv_new
-    assert stored.count(torch.bfloat16) == 10
+    # bf16 buffers, and every state-shaped one
+    bf16, fp32 = torch.bfloat16, torch.float32
+    assert stored == [bf16, bf16, ("state", bf16), bf16, ("state", fp32),  # forward: W, U', S, U, final
+                      bf16, bf16, ("state", bf16), bf16,                  # the backward recomputes W, U', S, U
+                      ("state", bf16), bf16, ("state", fp32),             # dS, dU, dh0
+                      bf16, bf16, bf16, bf16], stored                     # dv, dbeta, dq, dk (in the inputs' dtype)
     assert not torch.equal(o, fp32_operands[0]), "the bf16 operands were not used"
     assert rel_rms(o, ref_o) <= BF16_OPERANDS_TOLERANCE, f"o: rel RMS {rel_rms(o, ref_o):.2e}"
     assert rel_rms(ht, ref_ht) <= BF16_OPERANDS_TOLERANCE, f"ht: rel RMS {rel_rms(ht, ref_ht):.2e}"
