@@ -69,7 +69,9 @@ class ElementwiseModule:
     dim_sources: list[tuple[str, str]]   # (dim, the input whose last axis gives its size)
     forward: Kernel
     backward: Kernel | None
-    gradient_buffers: list[tuple[str, str]]   # (buffer, input) the backward kernel writes
+    # (buffer, input, final): the gradients the backward kernel writes; final ones (no
+    # cotangent handed through to add) are stored in the input's dtype
+    gradient_buffers: list[tuple[str, str, bool]]
     # (input, its gradient buffer or "None", cotangents of outputs that are the input)
     gradients: list[tuple[str, str, list[str]]]
 
@@ -202,7 +204,7 @@ def build_module(spec_name: str, part: str, program: Program,
         dim_sources=dim_sources,
         forward=fwd,
         backward=bwd if computed else None,
-        gradient_buffers=[(f"d_{x}", var[x]) for x in computed],
+        gradient_buffers=[(f"d_{x}", var[x], not passed[x]) for x in computed],
         gradients=gradients,
     )
 

@@ -7,6 +7,8 @@ summation order alone (fp32 sums over B * T tokens with cancellation), so those 
 to a three-way bound instead: against the PyTorch program in fp64, within a small multiple
 of the fp32 PyTorch program's own error (or of 1e-6, whichever is larger).
 """
+import sys
+
 import pytest
 import torch
 
@@ -232,3 +234,42 @@ def test_fused_parts_store_streamed_tensors_in_the_stream_dtype():
     epi_args = [a.detach().to(torch.bfloat16) for a in
                 _arguments(op, epi_names, dims, B=1, T=20, H=2, K=16, V=16, gen=gen)]
     assert all(o.dtype == torch.bfloat16 for o in epi_triton.apply(params, torch.bfloat16, *epi_args))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter check: a GPU may contract the fp32 math differently")
+@pytest.mark.parametrize("name", ["gated_deltanet", "weighted"])
+def test_fused_backward_stores_gradients_in_the_inputs_dtypes(name):
+    """Per-token bf16 inputs get their gradients from the fused backward in bf16, the fp32
+    result rounded once (the values autograd's conversion would give, without its pass);
+    weights (summed over tokens) and inputs that are also outputs keep the fp32 path."""
+    op = _op(name)
+    dims, programs = _programs(op)
+    gen = torch.Generator().manual_seed(5)
+    params = {p.name: 0.7 for p in op.spec.params}
+    _, names, _, fused = programs[0]
+    args = _arguments(op, names, dims, B=1, T=20, H=2, K=16, V=16, gen=gen)
+    per_token = [a.dim() >= 3 and a.shape[1] == 20 for a in args]
+    low = [a.detach().to(torch.bfloat16) if p else a.detach() for a, p in zip(args, per_token)]
+
+    def grads(inputs, dtype):
+        leaves = [a.clone().requires_grad_() for a in inputs]
+        outputs = fused.apply(params, dtype, *leaves)
+        cotangents = [torch.randn(o.shape, generator=torch.Generator().manual_seed(i)).to(torch.bfloat16)
+                      for i, o in enumerate(outputs)]
+        loss = sum((o.float() * c.float()).sum() for o, c in zip(outputs, cotangents))
+        return torch.autograd.grad(loss, leaves)
+
+    low_grads = grads(low, torch.bfloat16)
+    fp32_grads = grads([a.float() for a in low], torch.float32)
+    # the launcher itself, without autograd's conversions: which gradients come out in bf16
+    outputs = fused.apply(params, torch.bfloat16, *low)
+    direct = sys.modules[fused.__module__].prologue_backward(params, *low, *(torch.ones_like(o) for o in outputs))
+    direct = dict(zip(names, direct))
+    assert direct["q"].dtype == direct["k"].dtype == torch.bfloat16   # feature maps of q and k
+    checked = 0
+    for a, g, ref in zip(low, low_grads, fp32_grads):
+        assert g.dtype == a.dtype
+        if a.dtype == torch.bfloat16:
+            assert torch.equal(g, ref.to(torch.bfloat16)), "not the fp32 gradient rounded once"
+            checked += 1
+    assert checked >= 2
