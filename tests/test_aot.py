@@ -48,6 +48,21 @@ def test_trace_records_the_gpu_launches_of_forward_backward_and_step():
     assert trace.bytes("forward") >= trace.floor_bytes["forward"]
 
 
+@pytest.mark.parametrize("name", ["gla", "mamba2", "rwkv6"])
+def test_only_the_state_passes_run_sequentially_over_chunks(name):
+    """At B = 1 and long T only the passes that carry a state from chunk to chunk may have a
+    grid without a program per chunk (a gate gradient over the whole sequence would leave
+    most of a GPU idle: it is chunk-parallel, with carries summed in between)."""
+    op = attnc.load(name)
+    T, chunk = 512, 64
+    trace = record(op, B=1, T=T, H=2, dims={"K": 32, "V": 32}, dtype=torch.bfloat16, step=False)
+    sequential = {k.name for k in trace.launches() if k.grid[0] * (k.grid[1] if len(k.grid) > 1 else 1)
+                  * (k.grid[2] if len(k.grid) > 2 else 1) < T // chunk}
+    assert sequential == {f"{name}_S_chunk_state_fwd", f"{name}_S_chunk_state_bwd"}, sequential
+    gate_grad = next(k for k in trace.launches("backward") if k.name == f"{name}_S_gate_grad")
+    assert T // chunk in gate_grad.grid
+
+
 def test_trace_of_a_spec_without_chunk_form_is_the_recurrent_kernel():
     import warnings
 
