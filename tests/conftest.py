@@ -25,3 +25,22 @@ def _isolated_cache(tmp_path, monkeypatch):
     # tests check the kernels at their defaults, and tests/test_autotune.py tunes on purpose.
     monkeypatch.setenv("ATTNC_AUTOTUNE", "off")
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def gpu_operand_storage(monkeypatch):
+    """`force(module, record)`: make a rendered chunk module store its dot-operand buffers
+    in bf16, as it does on a GPU (the interpreter's dots are fp32, so there it stores them
+    in fp32), and call `record(shape, dtype)` for every buffer its plans allocate."""
+    def force(module, record):
+        class GpuStoragePlan(module._Plan):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                self.operand_dtype = torch.bfloat16
+
+            def new(self, *shape, dtype=torch.float32):
+                record(shape, dtype)
+                return super().new(*shape, dtype=dtype)
+
+        monkeypatch.setattr(module, "_Plan", GpuStoragePlan)
+    return force

@@ -321,7 +321,7 @@ BF16_OPERANDS_GATE_TOLERANCE = 5e-2
 @pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU every run stores bf16 operands")
 @pytest.mark.parametrize("case", [Case("scalar", T=100, K=32, V=16, dtype=torch.bfloat16),
                                   Case("channel", T=64, K=16, V=32, dtype=torch.bfloat16)], ids=str)
-def test_bf16_operands_as_on_a_gpu(case, monkeypatch):
+def test_bf16_operands_as_on_a_gpu(case, gpu_operand_storage):
     torch.manual_seed(zlib.crc32(str(case).encode()))
     inputs = make_inputs(case)
     module = ChunkDeltaFunction.module_for(DeltaKernelSpec("delta", case.gate))
@@ -336,19 +336,13 @@ def test_bf16_operands_as_on_a_gpu(case, monkeypatch):
     fp32_operands = run_and_differentiate(under_test, inputs, do, dht)
     stored = []
 
-    class GpuStoragePlan(module._Plan):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.operand_dtype = torch.bfloat16
+    def record(shape, dtype):
+        if tuple(shape[-2:]) == (case.K, case.V):
+            stored.append(("state", dtype))
+        elif dtype == torch.bfloat16:
+            stored.append(dtype)
 
-        def new(self, *shape, dtype=torch.float32):
-            if tuple(shape[-2:]) == (case.K, case.V):
-                stored.append(("state", dtype))
-            elif dtype == torch.bfloat16:
-                stored.append(dtype)
-            return super().new(*shape, dtype=dtype)
-
-    monkeypatch.setattr(module, "_Plan", GpuStoragePlan)
+    gpu_operand_storage(module, record)
     o, ht, grads = run_and_differentiate(under_test, inputs, do, dht)
     # bf16 buffers, and every state-shaped one
     bf16, fp32 = torch.bfloat16, torch.float32

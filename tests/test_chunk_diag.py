@@ -327,7 +327,7 @@ BF16_STATES_GATE_TOLERANCE = 5e-2
 @pytest.mark.parametrize("case", [Case("scalar", vgate=True, T=100, K=32, V=16, dtype=torch.bfloat16),
                                   Case("channel", exclusive=True, T=100, K=16, V=32, dtype=torch.bfloat16)],
                          ids=str)
-def test_bf16_chunk_states_as_on_a_gpu(case, monkeypatch):
+def test_bf16_chunk_states_as_on_a_gpu(case, gpu_operand_storage):
     from attnc.runtime.chunk_diag_op import ChunkDiagFunction
     torch.manual_seed(0)
     inputs = make_inputs(case)
@@ -347,17 +347,11 @@ def test_bf16_chunk_states_as_on_a_gpu(case, monkeypatch):
 
     stored = []
 
-    class GpuStoragePlan(module._Plan):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.operand_dtype = torch.bfloat16
+    def record(shape, dtype):
+        if tuple(shape[-2:]) == (case.K, case.V):
+            stored.append(dtype)
 
-        def new(self, *shape, dtype=torch.float32):
-            if tuple(shape[-2:]) == (case.K, case.V):
-                stored.append(dtype)
-            return super().new(*shape, dtype=dtype)
-
-    monkeypatch.setattr(module, "_Plan", GpuStoragePlan)
+    gpu_operand_storage(module, record)
     o, ht, grads = run_and_differentiate(under_test, inputs, do, dht)
     # states (forward, backward) and dstates in bf16; final states (forward, backward), dh0 fp32
     bf16, fp32 = torch.bfloat16, torch.float32
