@@ -153,6 +153,19 @@ class Spec:
     filename: str = field(default="<spec>", compare=False, hash=False, repr=False)
     span: Span | None = _span()
 
+    def __hash__(self) -> int:
+        """Hashed once (the compared fields), not on every call: the runtime's module
+        tables are keyed by spec, and a decode step looks them up once per token."""
+        cached = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash((self.name, self.dims, self.inputs, self.params, self.weights,
+                           self.states, self.statements))
+            object.__setattr__(self, "_hash", cached)
+        return cached
+
+    def __getstate__(self) -> dict:  # string hashes differ between processes
+        return {k: v for k, v in self.__dict__.items() if k != "_hash"}
+
     # convenience lookups (derived, never stored)
     @property
     def outputs(self) -> tuple[str, ...]:

@@ -18,6 +18,7 @@ H % H_i == 0: head h then reads head h // (H // H_i) of it (GQA/GVA sharing, the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from types import MappingProxyType
 from typing import Any, Mapping, Sequence
 
@@ -108,9 +109,16 @@ def bind(
 
 
 # ---------------------------------------------------------------- names
+@lru_cache(maxsize=256)
+def _argument_names(spec: Spec) -> tuple[tuple[str, ...], frozenset[str]]:
+    """(the required argument names, every name a call may pass) of `spec`, worked out
+    once per spec: a decode step binds its arguments on every token."""
+    required = tuple(i.name for i in spec.inputs) + tuple(w.name for w in spec.weights)
+    return required, frozenset(required) | {p.name for p in spec.params}
+
+
 def _check_names(spec: Spec, kwargs: Mapping[str, Any]) -> None:
-    required = [i.name for i in spec.inputs] + [w.name for w in spec.weights]
-    known = set(required) | {p.name for p in spec.params}
+    required, known = _argument_names(spec)
     missing = [n for n in required if n not in kwargs]
     unknown = [n for n in kwargs if n not in known]
     if not missing and not unknown:
@@ -189,22 +197,20 @@ def _tensor(arg: str, value: Any, names: Sequence[str]) -> torch.Tensor:
 
 
 def _match(arg: str, names: Sequence[str], tensor: torch.Tensor, table: _DimTable, skip: str = "") -> None:
-    """Compare `tensor`'s sizes with the bound ones; bind the dims seen for the first time."""
-    actual = list(tensor.shape)
-    expected: list[object] = []
-    clashes: list[str] = []
-    for dim, size in zip(names, actual):
-        if dim == skip or dim not in table.values:
-            expected.append(size)
+    """Compare `tensor`'s sizes with the bound ones; bind the dims seen for the first time
+    (a dim named twice in one shape must have one size)."""
+    values = table.values
+    for dim, size in zip(names, tensor.shape):
+        if dim == skip:
             continue
-        expected.append(table.values[dim])
-        if table.values[dim] != size:
-            clashes.append(f"{dim} bound by {table.origin[dim]}")
-    if clashes:
-        raise _shape_error(arg, names, expected, actual, "; ".join(clashes))
-    for dim, size in zip(names, actual):
-        if dim != skip and dim not in table.values:
+        bound = values.get(dim)
+        if bound is None:
             table.bind(dim, size, arg)
+        elif bound != size:
+            expected = [values.get(d, n) if d != skip else n for d, n in zip(names, tensor.shape)]
+            clashes = [f"{d} bound by {table.origin[d]}" for d, n in zip(names, tensor.shape)
+                       if d != skip and values.get(d, n) != n]
+            raise _shape_error(arg, names, expected, list(tensor.shape), "; ".join(dict.fromkeys(clashes)))
 
 
 def _bind_inputs(spec: Spec, kwargs: Mapping[str, Any], table: _DimTable) -> dict[str, torch.Tensor]:
@@ -255,19 +261,34 @@ def _check_devices(tensors: Mapping[str, torch.Tensor], device: torch.device, fi
 
 # ---------------------------------------------------------------- params
 def _bind_params(spec: Spec, kwargs: Mapping[str, Any], dims: Mapping[str, int]) -> dict[str, float]:
+    if not any(param.name in kwargs for param in spec.params):
+        return dict(_default_params(spec, tuple(dims.items())))
     env: dict[str, float] = {d: float(v) for d, v in dims.items()}
     params: dict[str, float] = {}
     for param in spec.params:
         if param.name in kwargs:
             value = _number(param.name, kwargs[param.name])
         else:
-            try:
-                value = evaluate_scalar(param.default, env)
-            except (ValueError, ArithmeticError) as err:
-                raise ValueError(f"{param.name}: cannot evaluate the default: {err}") from None
+            value = _default(param, env)
         params[param.name] = value
         env[param.name] = value
     return params
+
+
+@lru_cache(maxsize=256)
+def _default_params(spec: Spec, dims: tuple[tuple[str, int], ...]) -> tuple[tuple[str, float], ...]:
+    """Every param at its default for these dims (evaluated once per spec and dims)."""
+    env: dict[str, float] = {d: float(v) for d, v in dims}
+    for param in spec.params:
+        env[param.name] = _default(param, env)
+    return tuple((param.name, env[param.name]) for param in spec.params)
+
+
+def _default(param, env: Mapping[str, float]) -> float:
+    try:
+        return evaluate_scalar(param.default, env)
+    except (ValueError, ArithmeticError) as err:
+        raise ValueError(f"{param.name}: cannot evaluate the default: {err}") from None
 
 
 def _number(arg: str, value: Any) -> float:

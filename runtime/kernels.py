@@ -12,7 +12,7 @@ from typing import Callable, Hashable
 import torch
 
 from .loader import load_module
-from .settings import settings
+from .settings import Settings, settings
 
 BACKENDS = ("triton", "torch")
 
@@ -22,11 +22,12 @@ BACKENDS = ("triton", "torch")
 _AS_ON_GPU = contextvars.ContextVar("attnc_as_on_gpu", default=False)
 
 
-def interpreted(device: torch.device) -> bool:
-    """Whether kernels for tensors on `device` run in Triton's interpreter."""
+def interpreted(device: torch.device, run: Settings | None = None) -> bool:
+    """Whether kernels for tensors on `device` run in Triton's interpreter (`run`: the
+    settings, when the caller has read them already)."""
     if _AS_ON_GPU.get():
         return False
-    return settings().interpret or device.type != "cuda"
+    return (run or settings()).interpret or device.type != "cuda"
 
 
 def on_gpu_path(device: torch.device) -> bool:
@@ -83,7 +84,7 @@ class LaunchOptions:
                  poison: bool | None, config: dict | None) -> "LaunchOptions":
         run = settings()
         return cls(chunk_size=chunk_size, input_precision=input_precision,
-                   interpret=interpreted(device),
+                   interpret=interpreted(device, run),
                    poison=run.poison if poison is None else poison,
                    config=tuple(sorted((config or {}).items())))
 

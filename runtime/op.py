@@ -306,6 +306,8 @@ class CompiledOp:
         kernel cache: generated and written on the first use on this machine, loaded
         without any code generation after that. Loading also hands the chunk kernels and
         the recurrent module to the ops that run them."""
+        if device in self._plan_modules:  # every call asks: answer before any import
+            return self._plan_modules[device]
         import json
 
         import torch

@@ -194,6 +194,34 @@ def test_weight_dim_bound_inconsistently():
         bind(spec, args)
 
 
+SQUARE_WEIGHT = """
+attention square
+  dims    K, V
+  inputs  q[K], k[K], v[V]
+  weight  W[K, K]
+  state   S[K, V]
+  update  S = S + outer(W @ k, v)
+  readout o = q @ S
+end
+"""
+
+
+def test_a_dim_named_twice_in_one_shape_has_one_size():
+    spec = parse(SQUARE_WEIGHT)
+    args = {"q": torch.randn(B, T, H, K), "k": torch.randn(B, T, H, K), "v": torch.randn(B, T, H, V)}
+    assert bind(spec, {**args, "W": torch.randn(H, K, K)}).dims["K"] == K
+    with raises("W: expected shape [H, K, K] = [4, 32, 32] (K bound by q), got [4, 32, 16]"):
+        bind(spec, {**args, "W": torch.randn(H, K, 16)})
+
+
+def test_the_first_input_binds_a_dim_named_twice_in_its_shape():
+    spec = parse(SQUARE_WEIGHT.replace("inputs  q[K], k[K], v[V]\n  weight  W[K, K]",
+                                       "inputs  W[K, K], q[K], k[K], v[V]"))
+    args = {"q": torch.randn(B, T, H, K), "k": torch.randn(B, T, H, K), "v": torch.randn(B, T, H, V)}
+    with raises("W: expected shape [B, T, H, K, K] = [2, 17, 4, 32, 32] (K bound by W), got [2, 17, 4, 32, 16]"):
+        bind(spec, {**args, "W": torch.randn(B, T, H, K, 16)})
+
+
 # ---------------------------------------------------------------- dtypes and devices
 def test_integer_tensor(gdn):
     with raises("q", "floating", "torch.int64", "[B, T, H, K]", "[2, 17, 4, 32]"):

@@ -31,3 +31,17 @@ def test_no_other_module_reads_attnc_variables():
                 continue
             text = path.read_text()
             assert "os.environ.get(\"ATTNC" not in text and "getenv(\"ATTNC" not in text, path
+
+
+def test_a_changed_variable_is_seen_on_the_next_call(monkeypatch, tmp_path):
+    """settings() parses once per distinct environment, but never returns a stale one."""
+    monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path / "a"))
+    monkeypatch.delenv("ATTNC_POISON", raising=False)
+    first = settings()
+    assert settings() is first and not first.poison
+    monkeypatch.setenv("ATTNC_POISON", "1")
+    monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path / "b"))
+    assert settings().poison and settings().cache_dir == tmp_path / "b"
+    monkeypatch.delenv("ATTNC_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert settings().cache_dir == tmp_path / "xdg" / "attnc"
