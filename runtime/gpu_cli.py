@@ -38,6 +38,10 @@ def add_gpu_commands(subparsers) -> None:
         cmd.add_argument("--no-backward", dest="backward", action="store_false",
                          help="forward (and decode step) only")
         cmd.add_argument("--json", action="store_true", help="machine-readable report")
+        if name == "trace":
+            cmd.add_argument("--host-time", action="store_true",
+                             help="also time attnc's host work per call on this CPU (kernels not "
+                             "launched; small shapes, since the host work does not grow with them)")
         if name == "aot":
             cmd.add_argument("--target", default="cuda:90",
                              help="compute capability to compile for (default cuda:90, H100/H200)")
@@ -122,11 +126,13 @@ def _trace(args) -> int:
 
     reports = []
     for op, (B, T, H, dims), trace in _traces(args):
+        host = _host_times(op, dims, args) if args.host_time else {}
         if args.json:
             reports.append({
                 "spec": op.name, "shape": {"B": B, "T": T, "H": H, **dims},
                 "phases": {phase: {"bytes": trace.bytes(phase),
                                    "floor_bytes": trace.floor_bytes.get(phase),
+                                   **({"host_us": host[phase]} if phase in host else {}),
                                    "events": [_event_json(e) for e in trace.events
                                               if e.phase == phase]}
                            for phase in trace.phases()}})
@@ -137,7 +143,13 @@ def _trace(args) -> int:
             floor = trace.floor_bytes.get(phase)
             ratio = f" = {trace.bytes(phase) / floor:.1f} x the floor ({_mb(floor).strip()})" \
                 if floor else ""
-            print(f"  {phase}: {_mb(trace.bytes(phase)).strip()} moved{ratio}")
+            launches = len(trace.launches(phase))
+            passes = len(trace.torch_ops(phase))
+            print(f"  {phase}: {_mb(trace.bytes(phase)).strip()} moved{ratio}; {launches} kernel "
+                  f"launch{'es' if launches != 1 else ''}, {passes} PyTorch pass{'es' if passes != 1 else ''}")
+            if phase in host:
+                print(f"    host work {host[phase]:.0f} us per call on this CPU (attnc's own: "
+                      "kernels not launched)")
             for event in trace.events:
                 if event.phase != phase:
                     continue
@@ -149,6 +161,20 @@ def _trace(args) -> int:
     if args.json:
         print(json.dumps(reports, indent=2))
     return 0
+
+
+def _host_times(op, dims, args) -> dict[str, float]:
+    """host_times by trace phase: the backward's is forward+backward less the forward."""
+    import torch
+
+    from .cache_cli import DTYPES
+    from .launches import host_times
+
+    times = host_times(op, dims=dims, dtype=getattr(torch, DTYPES[args.dtype.strip().lower()]))
+    by_phase = {"forward": times["forward"], "step": times["step"]}
+    if args.backward:
+        by_phase["backward"] = times["forward+backward"] - times["forward"]
+    return by_phase
 
 
 def _event_json(event) -> dict:

@@ -4,7 +4,8 @@
 
 runs the op's forward, backward and a decode step on CPU tensors while the launchers
 decide as they would on a GPU (`kernels.as_on_gpu`: compiled kernels, bf16 dots, GPU
-block sizes) and every Triton launch is recorded instead of run. Beside the launches it
+block sizes) and every Triton launch is recorded instead of run. `host_times(op, ...)`
+times the same calls with the launches skipped: the host work attnc itself does per call. Beside the launches it
 records the PyTorch operations between them that move data (conversions, copies,
 reductions), so a trace shows every pass over memory a call makes. Nothing here needs a
 GPU: runtime/aot.py compiles the recorded launches for one, and `attnc trace` prints them.
@@ -183,21 +184,29 @@ def _describe(value):
 
 
 @contextlib.contextmanager
-def _recording(trace: Trace) -> Iterator[_Recorder]:
+def _launches_replaced(launch) -> Iterator[None]:
+    """Within: `kernel[grid](*args, **kwargs)` calls `launch(kernel, grid, args, kwargs)`
+    instead of launching, and launchers decide as on a GPU."""
     from triton.runtime.jit import KernelInterface
 
-    recorder = _Recorder(trace)
     launch_as_defined = KernelInterface.__getitem__
 
-    def record_launch(kernel, grid):
-        return lambda *args, **kwargs: recorder.launch(kernel, grid, args, kwargs)
+    def replaced(kernel, grid):
+        return lambda *args, **kwargs: launch(kernel, grid, args, kwargs)
 
-    KernelInterface.__getitem__ = record_launch
+    KernelInterface.__getitem__ = replaced
     try:
-        with as_on_gpu(), recorder:
-            yield recorder
+        with as_on_gpu():
+            yield
     finally:
         KernelInterface.__getitem__ = launch_as_defined
+
+
+@contextlib.contextmanager
+def _recording(trace: Trace) -> Iterator[_Recorder]:
+    recorder = _Recorder(trace)
+    with _launches_replaced(recorder.launch), recorder:
+        yield recorder
 
 
 def record(op, *, B: int, T: int, H: int, dims: dict[str, int], dtype=torch.bfloat16,
@@ -244,3 +253,52 @@ def _output_bytes(op, B, T, H, dims, dtype) -> int:
             n *= dims[d]
         total += n * size
     return total
+
+
+def host_times(op, *, B: int = 1, T: int = 64, H: int = 2, dims: dict[str, int] | None = None,
+               dtype=torch.bfloat16, repeats: int = 100) -> dict[str, float]:
+    """Median microseconds of host work per call of `op`, as on a GPU but with no kernel
+    launched: {"forward": ..., "forward+backward": ..., "step": ...} (a decode step of one
+    token for B sequences).
+
+    What it counts is attnc's own Python between the user's call and the kernels (binding,
+    launchers, autograd, the PyTorch ops between launches, which run here on small CPU
+    tensors) on this machine's CPU. It leaves out what a GPU run adds on top: Triton's
+    launch of each kernel and CUDA's enqueue of each PyTorch op. When this exceeds a
+    call's GPU time, a GPU waits for the host: timings measure the host, not the kernels."""
+    import statistics
+    import time
+
+    from .sampling import random_arguments
+
+    dims = {d.name: (dims or {}).get(d.name, 32) for d in op.spec.dims}
+    args = random_arguments(op.analysis, B=B, T=T, H=H, dims=dims, dtype=dtype)
+    grads = {n: t.detach().clone().requires_grad_() for n, t in args.items()}
+    step_args = random_arguments(op.analysis, B=B, T=1, H=H, dims=dims, dtype=dtype)
+    states = tuple(torch.randn(B, H, *(dims[d] for d in s.shape)) for s in op.spec.states)
+    state = states[0] if len(states) == 1 else states
+
+    def forward():
+        op(**args, backend="triton")
+
+    def forward_backward():
+        outputs, _ = op(**grads, backend="triton")
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        torch.autograd.backward(outputs, [torch.ones_like(o) for o in outputs])
+
+    def step():
+        op.step(**step_args, state=state, inplace=True, backend="triton")
+
+    def median_us(call) -> float:
+        for _ in range(max(3, repeats // 10)):  # first calls load modules and fill caches
+            call()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times) * 1e6
+
+    with _launches_replaced(lambda kernel, grid, args, kwargs: None):
+        return {"forward": median_us(forward), "forward+backward": median_us(forward_backward),
+                "step": median_us(step)}

@@ -101,6 +101,34 @@ def test_trace_cli_prints_launches_and_bytes():
     assert "needs B,T,H,K,V" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_host_times_run_the_host_path_without_launching_kernels(monkeypatch):
+    from attnc.runtime.launches import host_times
+    from attnc.runtime.recurrent_op import module_for
+
+    op = attnc.load("gla")
+    op.plan_module("cpu")
+    kernel = module_for(op.spec).gla_recurrent_fwd
+    launched = []
+    monkeypatch.setattr(type(kernel), "run", lambda self, *args, **kwargs: launched.append(self))
+    times = host_times(op, repeats=5)
+    assert set(times) == {"forward", "forward+backward", "step"}
+    assert all(t > 0 for t in times.values())
+    assert times["forward+backward"] > times["forward"]
+    assert not launched
+    kernel[(1,)]()  # the patch above would have seen a launch
+    assert launched == [kernel]
+
+
+def test_trace_cli_reports_host_time_and_counts():
+    run = run_cli("trace", "linear_attn", "--shape", "1,64,2,32,32", "--host-time", "--json")
+    assert run.returncode == 0, run.stderr
+    (report,) = json.loads(run.stdout)
+    assert set(report["phases"]) == {"forward", "backward", "step"}
+    assert all(phase["host_us"] > 0 for phase in report["phases"].values())
+    text = run_cli("trace", "linear_attn", "--shape", "1,64,2,32,32", "--no-backward", "--host-time")
+    assert "us per call on this CPU" in text.stdout and "kernel launches" in text.stdout
+
+
 def test_aot_compiles_every_kernel_of_a_call_for_an_h100():
     run = run_cli("aot", "linear_attn", "--shape", "1,64,2,32,32", "--json")
     assert run.returncode == 0, run.stderr
