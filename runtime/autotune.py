@@ -66,8 +66,8 @@ class TuningError(Exception):
 def tuning_applies(device) -> bool:
     """Whether calls on `device` are tuned: CUDA, compiled kernels, ATTNC_AUTOTUNE != off."""
     config = settings()
-    return (config.autotune != "off" and not config.interpret
-            and torch.device(device).type == "cuda")
+    return (torch.device(device).type == "cuda" and config.autotune != "off"
+            and not config.interpret)
 
 
 def shape_bucket(B: int, T: int, H: int, dims: Mapping[str, int], dtype, *,

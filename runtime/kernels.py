@@ -12,7 +12,7 @@ from typing import Callable, Hashable
 import torch
 
 from .loader import load_module
-from .settings import Settings, settings
+from .settings import settings
 
 BACKENDS = ("triton", "torch")
 
@@ -22,12 +22,11 @@ BACKENDS = ("triton", "torch")
 _AS_ON_GPU = contextvars.ContextVar("attnc_as_on_gpu", default=False)
 
 
-def interpreted(device: torch.device, run: Settings | None = None) -> bool:
-    """Whether kernels for tensors on `device` run in Triton's interpreter (`run`: the
-    settings, when the caller has read them already)."""
+def interpreted(device: torch.device) -> bool:
+    """Whether kernels for tensors on `device` run in Triton's interpreter."""
     if _AS_ON_GPU.get():
         return False
-    return (run or settings()).interpret or device.type != "cuda"
+    return device.type != "cuda" or settings().interpret
 
 
 def on_gpu_path(device: torch.device) -> bool:
@@ -82,10 +81,9 @@ class LaunchOptions:
     @classmethod
     def for_call(cls, device: torch.device, *, chunk_size: int, input_precision: str,
                  poison: bool | None, config: dict | None) -> "LaunchOptions":
-        run = settings()
         return cls(chunk_size=chunk_size, input_precision=input_precision,
-                   interpret=interpreted(device, run),
-                   poison=run.poison if poison is None else poison,
+                   interpret=interpreted(device),
+                   poison=settings().poison if poison is None else poison,
                    config=tuple(sorted((config or {}).items())))
 
     def as_kwargs(self) -> dict:

@@ -121,13 +121,12 @@ def recurrent(spec: ir.Spec, bound: Bound, *, output_final_state: bool, checkpoi
     of the split dim (tests); by default the launchers choose it."""
     if checkpoint < 1:
         raise ValueError(f"checkpoint must be a positive number of tokens, got {checkpoint}")
-    run = settings()
     if poison is None:
-        poison = run.poison
+        poison = settings().poison
     inputs = tuple(bound.inputs[i.name] for i in spec.inputs)
     weights = tuple(bound.weights[w.name] for w in spec.weights)
     initial = bound.initial_states or (None,) * len(spec.states)
-    options = dict(interpret=interpreted(bound.device, run), poison=poison, split_block=split_block)
+    options = dict(interpret=interpreted(bound.device), poison=poison, split_block=split_block)
     values = RecurrentFunction.apply(spec, dict(bound.params), bound.cu_seqlens, output_final_state,
                                      checkpoint, options, (len(inputs), len(weights)),
                                      *inputs, *weights, *initial)
@@ -175,9 +174,8 @@ def step(spec: ir.Spec, bound: Bound, states: torch.Tensor | Sequence[torch.Tens
         if inplace and (tensor.dtype != torch.float32 or not tensor.is_contiguous()):
             raise ValueError(f"state {spec_state.name}: inplace=True needs a contiguous float32 tensor, "
                              f"got {tensor.dtype}{'' if tensor.is_contiguous() else ' (not contiguous)'}")
-    run = settings()
     if poison is None:
-        poison = run.poison
+        poison = settings().poison
     if inplace:
         initial = finals = states
     else:
@@ -193,5 +191,5 @@ def step(spec: ir.Spec, bound: Bound, states: torch.Tensor | Sequence[torch.Tens
         outputs, new_states, _ = module.forward(
             inputs, weights, dict(bound.params), initial, bound.cu_seqlens, output_final_state=True,
             final_states=finals, state_indices=state_indices, output_dtype=_stream_dtype(inputs),
-            interpret=interpreted(bound.device, run), poison=poison, split_block=split_block)
+            interpret=interpreted(bound.device), poison=poison, split_block=split_block)
     return outputs, new_states

@@ -1,15 +1,12 @@
 """Every environment variable attnc reads, declared once, typed and documented.
 
-Read settings through `settings()` (re-read on each call, so tests may monkeypatch the
-environment); nothing else in attnc touches `os.environ` for its own knobs. A call reads
-the variables and parses them only when their text changed: decode steps call it on
-every token, where microseconds count.
+Read settings through `settings()`: each attribute reads its variable when asked (so
+tests may monkeypatch the environment); nothing else in attnc touches `os.environ` for
+its own knobs.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 AUTOTUNE_MODES = ("off", "fast", "full")
@@ -26,14 +23,45 @@ KNOBS = {
 }
 
 
-@dataclass(frozen=True)
 class Settings:
-    autotune: str
-    cache_dir: Path
-    dump_dir: Path | None
-    interpret: bool
-    log_level: str
-    poison: bool
+    """The environment, typed: each attribute reads and checks its variable when asked.
+
+    Nothing is cached, so tests may monkeypatch the environment, and a call reads only the
+    knobs it uses (a decode step asks for two or three on every token, where each read
+    costs about a microsecond)."""
+
+    __slots__ = ()
+
+    @property
+    def autotune(self) -> str:
+        return _choice("ATTNC_AUTOTUNE", os.environ.get("ATTNC_AUTOTUNE") or "fast", AUTOTUNE_MODES)
+
+    @property
+    def cache_dir(self) -> Path:
+        cache = os.environ.get("ATTNC_CACHE_DIR")
+        if not cache:
+            import platformdirs
+
+            cache = platformdirs.user_cache_dir("attnc")
+        return Path(cache)
+
+    @property
+    def dump_dir(self) -> Path | None:
+        dump = os.environ.get("ATTNC_DUMP_DIR")
+        return Path(dump) if dump else None
+
+    @property
+    def interpret(self) -> bool:
+        text = os.environ.get("ATTNC_INTERPRET")
+        return _bool(text) if text else _bool(os.environ.get("TRITON_INTERPRET", "0"))
+
+    @property
+    def log_level(self) -> str:
+        return _log_level(os.environ.get("ATTNC_LOG_LEVEL", "WARNING"))
+
+    @property
+    def poison(self) -> bool:
+        return _bool(os.environ.get("ATTNC_POISON", "0"))
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -43,35 +71,8 @@ def _bool(text: str) -> bool:
     return text.strip().lower() in ("1", "true", "yes", "on")
 
 
-# what settings() reads: the knobs, TRITON_INTERPRET behind ATTNC_INTERPRET, and what
-# platformdirs places the default cache dir by
-_READ = (*KNOBS, "TRITON_INTERPRET", "XDG_CACHE_HOME", "HOME")
-
-
 def settings() -> Settings:
-    get = os.environ.get
-    return _parse(tuple(get(name) for name in _READ))
-
-
-@lru_cache(maxsize=8)
-def _parse(texts: tuple[str | None, ...]) -> Settings:
-    env = {name: text for name, text in zip(_READ, texts) if text is not None}
-    cache = env.get("ATTNC_CACHE_DIR")
-    if not cache:
-        import platformdirs
-
-        cache = platformdirs.user_cache_dir("attnc")
-    interp = env.get("ATTNC_INTERPRET")
-    interpret = _bool(interp) if interp else _bool(env.get("TRITON_INTERPRET", "0"))
-    dump = env.get("ATTNC_DUMP_DIR")
-    return Settings(
-        autotune=_choice("ATTNC_AUTOTUNE", env.get("ATTNC_AUTOTUNE", "fast"), AUTOTUNE_MODES),
-        cache_dir=Path(cache),
-        dump_dir=Path(dump) if dump else None,
-        interpret=interpret,
-        log_level=_log_level(env.get("ATTNC_LOG_LEVEL", "WARNING")),
-        poison=_bool(env.get("ATTNC_POISON", "0")),
-    )
+    return Settings()
 
 
 def _choice(name: str, text: str, choices: tuple[str, ...]) -> str:

@@ -222,6 +222,42 @@ def test_the_first_input_binds_a_dim_named_twice_in_its_shape():
         bind(spec, {**args, "W": torch.randn(B, T, H, K, 16)})
 
 
+# ---------------------------------------------------------------- repeated calls
+def test_a_repeated_signature_binds_the_new_tensors(gdn):
+    first, second = gdn_args(), gdn_args()
+    bind(gdn, first)
+    bound = bind(gdn, second)
+    assert all(bound.inputs[n] is second[n] for n in second)
+    assert (bound.B, bound.T, bound.H, dict(bound.dims)) == (B, T, H, {"K": K, "V": V})
+    assert bound.params["scale"] == pytest.approx(K ** -0.5)
+
+
+def test_a_repeated_signature_still_checks_what_changed(gdn):
+    bind(gdn, gdn_args())
+    with raises("k: expected shape [B, T, H, K] = [2, 17, 4, 32] (K bound by q), got [2, 17, 4, 16]"):
+        bind(gdn, gdn_args(k=torch.randn(B, T, H, 16)))
+    with raises("q", "floating", "torch.int64"):
+        bind(gdn, gdn_args(q=torch.randint(0, 5, (B, T, H, K))))
+    with raises("missing argument(s) beta"):
+        bind(gdn, {n: t for n, t in gdn_args().items() if n != "beta"})
+
+
+def test_param_values_are_never_taken_from_an_earlier_call(gdn):
+    for scale in (0.5, 0.25, -0.0, 0.0, 2, torch.tensor(3.0), torch.tensor(4.0)):
+        bound = bind(gdn, gdn_args(scale=scale))
+        assert bound.params["scale"] == float(scale)
+        assert str(bound.params["scale"]) == str(float(scale))  # -0.0 stays -0.0
+    assert bind(gdn, gdn_args()).params["scale"] == pytest.approx(K ** -0.5)
+
+
+def test_initial_states_are_rebound_each_call(gdn):
+    for _ in range(2):
+        h0 = torch.randn(B, H, K, V)
+        assert bind(gdn, gdn_args(), initial_state=h0).initial_states[0] is h0
+    with raises("initial_state: expected shape [N, H, K, V] = [2, 4, 32, 64] (V bound by v), got [2, 4, 32, 8]"):
+        bind(gdn, gdn_args(), initial_state=torch.randn(B, H, K, 8))
+
+
 # ---------------------------------------------------------------- dtypes and devices
 def test_integer_tensor(gdn):
     with raises("q", "floating", "torch.int64", "[B, T, H, K]", "[2, 17, 4, 32]"):

@@ -20,7 +20,10 @@ def test_values_are_typed_and_checked(monkeypatch, tmp_path):
     assert config.cache_dir == tmp_path and config.interpret and config.log_level == "INFO"
     monkeypatch.setenv("ATTNC_LOG_LEVEL", "loud")
     with pytest.raises(ValueError, match="ATTNC_LOG_LEVEL"):
-        settings()
+        settings().log_level
+    monkeypatch.setenv("ATTNC_AUTOTUNE", "sometimes")
+    with pytest.raises(ValueError, match="ATTNC_AUTOTUNE='sometimes': expected one of off, fast, full"):
+        settings().autotune
 
 
 def test_no_other_module_reads_attnc_variables():
@@ -34,12 +37,13 @@ def test_no_other_module_reads_attnc_variables():
 
 
 def test_a_changed_variable_is_seen_on_the_next_call(monkeypatch, tmp_path):
-    """settings() parses once per distinct environment, but never returns a stale one."""
+    """Settings are read when asked, never a stale copy."""
     monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path / "a"))
     monkeypatch.delenv("ATTNC_POISON", raising=False)
-    first = settings()
-    assert settings() is first and not first.poison
+    config = settings()
+    assert not config.poison
     monkeypatch.setenv("ATTNC_POISON", "1")
+    assert config.poison
     monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path / "b"))
     assert settings().poison and settings().cache_dir == tmp_path / "b"
     monkeypatch.delenv("ATTNC_CACHE_DIR")
