@@ -7,6 +7,8 @@
 Timings are medians of triton.testing.do_bench on random bf16 inputs (never zeros), all
 variants timed in the same process, side by side. Each forward's "floor" is the bytes
 of its inputs and outputs read/written once, over the measured device copy bandwidth.
+"attnc host ms" is how long a call takes to return without waiting for the GPU: where it
+reaches the kernel time, the row measures the host, not the kernels.
 """
 from __future__ import annotations
 
@@ -47,6 +49,23 @@ def _median_ms(fn, warmup=25, rep=100) -> float:
     import triton.testing
 
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def _host_ms(fn) -> float:
+    """Median milliseconds until fn returns, without waiting for the GPU: the host's share
+    of a call (binding, launchers, autograd, launches). Where it reaches the kernels' time,
+    the GPU waits for the host and do_bench times the host. (On the CPU smoke run the
+    kernels run in the interpreter inside fn: three calls, meaning nothing.)"""
+    calls = 50 if torch.cuda.is_available() else 3
+    fn()
+    _sync()
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    _sync()
+    return sorted(times)[len(times) // 2]
 
 
 def _sync():
@@ -104,6 +123,7 @@ def bench_variant(spec_name, B, T, H, D, dtype, device, bandwidth):
     _sync()
     row["first call s"] = time.perf_counter() - t0
     row["attnc fwd ms"] = _median_ms(lambda: op(**args))
+    row["attnc host ms"] = _host_ms(lambda: op(**args))
     do = torch.randn_like(out)
 
     def fwd_bwd():
@@ -144,7 +164,8 @@ def bench_decode(spec_name, B, H, D, dtype, device, bandwidth):
     state = state[0] if len(state) == 1 else state
     op.step(**args, state=state, inplace=True)
     row = {"variant": f"{spec_name} decode step", "T": 1, "B": B, "D": D,
-           "attnc fwd ms": _median_ms(lambda: op.step(**args, state=state, inplace=True))}
+           "attnc fwd ms": _median_ms(lambda: op.step(**args, state=state, inplace=True)),
+           "attnc host ms": _host_ms(lambda: op.step(**args, state=state, inplace=True))}
     state_bytes = 2 * len(op.spec.states) * B * H * D * D * 4  # fp32 state read + written
     row["floor ms"] = state_bytes / bandwidth * 1e3
     return row
@@ -246,7 +267,7 @@ def main(argv=None) -> int:
     return 0
 
 
-COLUMNS = ["variant", "B", "T", "D", "attnc fwd ms", "fla fwd ms", "sdpa fwd ms", "flex fwd ms",
+COLUMNS = ["variant", "B", "T", "D", "attnc fwd ms", "attnc host ms", "fla fwd ms", "sdpa fwd ms", "flex fwd ms",
            "attnc fwd+bwd ms", "fla fwd+bwd ms", "floor ms", "fwd / floor", "attnc peak GiB",
            "first call s", "warm first call s", "error"]
 
