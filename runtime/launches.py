@@ -4,11 +4,12 @@
 
 runs the op's forward, backward and a decode step on CPU tensors while the launchers
 decide as they would on a GPU (`kernels.as_on_gpu`: compiled kernels, bf16 dots, GPU
-block sizes) and every Triton launch is recorded instead of run. `host_times(op, ...)`
-times the same calls with the launches skipped: the host work attnc itself does per call. Beside the launches it
+block sizes) and every Triton launch is recorded instead of run. Beside the launches it
 records the PyTorch operations between them that move data (conversions, copies,
-reductions), so a trace shows every pass over memory a call makes. Nothing here needs a
-GPU: runtime/aot.py compiles the recorded launches for one, and `attnc trace` prints them.
+reductions), so a trace shows every pass over memory a call makes. `host_times(op, ...)`
+times the same calls with the launches skipped: the host work attnc itself does per call.
+Nothing here needs a GPU: runtime/aot.py compiles the recorded launches for one, and
+`attnc trace` prints them.
 
 Kernels do not run, so the values of everything they would write are undefined; the
 host code between launches only looks at shapes (and at cu_seqlens, which is real).
