@@ -52,15 +52,20 @@ def test_trace_records_the_gpu_launches_of_forward_backward_and_step():
 def test_only_the_state_passes_run_sequentially_over_chunks(name):
     """At B = 1 and long T only the passes that carry a state from chunk to chunk may have a
     grid without a program per chunk (a gate gradient over the whole sequence would leave
-    most of a GPU idle: it is chunk-parallel, with carries summed in between)."""
+    most of a GPU idle: it is chunk-parallel, with carries summed in between). The carries'
+    scan is sequential too, over one total per chunk (a small fraction of the gradient's
+    bytes), 32 chunks a step."""
     op = attnc.load(name)
     T, chunk = 512, 64
     trace = record(op, B=1, T=T, H=2, dims={"K": 32, "V": 32}, dtype=torch.bfloat16, step=False)
     sequential = {k.name for k in trace.launches() if k.grid[0] * (k.grid[1] if len(k.grid) > 1 else 1)
                   * (k.grid[2] if len(k.grid) > 2 else 1) < T // chunk}
-    assert sequential == {f"{name}_S_chunk_state_fwd", f"{name}_S_chunk_state_bwd"}, sequential
+    assert sequential == {f"{name}_S_chunk_state_fwd", f"{name}_S_chunk_state_bwd",
+                          f"{name}_S_gate_carries"}, sequential
     gate_grad = next(k for k in trace.launches("backward") if k.name == f"{name}_S_gate_grad")
     assert T // chunk in gate_grad.grid
+    carries = next(k for k in trace.launches("backward") if k.name == f"{name}_S_gate_carries")
+    assert carries.tensor_bytes * 8 < gate_grad.tensor_bytes, (carries.tensor_bytes, gate_grad.tensor_bytes)
 
 
 def test_trace_of_a_spec_without_chunk_form_is_the_recurrent_kernel():
@@ -181,6 +186,21 @@ def test_bf16_forward_makes_no_conversion_passes(name, monkeypatch):
     if name not in ("hgrn2",):
         assert not casts, f"{name}: conversions in the forward: {casts}"
     assert trace.launches("forward"), name
+
+
+@pytest.mark.parametrize("name", ["retnet", "mamba2", "gla", "hgrn2", "rwkv6"])
+def test_diag_backward_runs_no_pytorch_pass_between_its_kernels(name, monkeypatch):
+    """The diagonal family's backward is its kernels back to back: the gate gradients'
+    carries and final-state terms are scanned in a kernel (they were a dozen PyTorch passes:
+    flips, cumsums, a cat, an index, zeros)."""
+    monkeypatch.setenv("ATTNC_POISON", "0")
+    op = attnc.load(name)
+    trace = record(op, B=1, T=64, H=2, dims={"K": 32, "V": 32}, dtype=torch.bfloat16, step=False)
+    events = [e for e in trace.events if e.phase == "backward"]
+    chunk = [i for i, e in enumerate(events) if isinstance(e, KernelLaunch) and "_S_" in e.name]
+    assert len(chunk) >= 6, f"{name}: chunk kernels in the backward: {[events[i].name for i in chunk]}"
+    between = [e.name for e in events[chunk[0]:chunk[-1]] if not isinstance(e, KernelLaunch)]
+    assert not between, f"{name}: PyTorch passes inside the chunk backward: {between}"
 
 
 BAD_KERNEL = '''

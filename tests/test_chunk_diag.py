@@ -107,6 +107,9 @@ CASES = [
     Case("scalar", exclusive=True, T=104, seqlens=(80, 23, 1), final=False),
     Case("channel", vgate=True, T=104, seqlens=(1, 80, 23)),
     Case("channel", vgate=True, exclusive=True, T=104, seqlens=(23, 80, 1), h0=False),
+    # more than 32 chunks in a sequence: the gate gradient's carries scan several blocks
+    Case("channel", T=600, K=16, V=16, H=1, chunk_size=16),
+    Case("scalar", exclusive=True, T=620, K=80, V=16, H=1, seqlens=(17, 590, 13), chunk_size=16, h0=False),
     # bf16 inputs
     Case("scalar", vgate=True, T=100, K=32, V=16, dtype=torch.bfloat16),
     Case("channel", exclusive=True, T=100, K=16, V=32, dtype=torch.bfloat16),
