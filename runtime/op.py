@@ -1,7 +1,9 @@
 """The compiled-op object handed back to users."""
 from __future__ import annotations
 
+import functools
 import logging
+import types
 
 
 from ..codegen.analysis import Analysis
@@ -11,6 +13,21 @@ from ..dsl.printer import pretty
 log = logging.getLogger("attnc")
 
 DEFAULT_CHUNK_SIZE = 64  # when neither the caller nor a tuned config sets one
+
+
+@functools.cache
+def _calls():
+    """What every call needs from torch and the runtime, imported on the first call (not
+    with attnc, which the CLI imports without torch) and then found at no cost: a
+    function-level import costs ~1 us, and a decode step is tens of us."""
+    import torch
+
+    from .binding import bind, expand_heads
+    from .kernels import on_gpu_path
+    from .recurrent_op import step
+
+    return types.SimpleNamespace(torch=torch, bind=bind, expand_heads=expand_heads,
+                                 on_gpu_path=on_gpu_path, step=step)
 
 
 class CompiledOp:
@@ -66,13 +83,12 @@ class CompiledOp:
         for it); `config` ({"chunk_size": ..., "num_warps": ..., ...}) fixes everything and
         skips tuning. Without either, and wherever tuning does not apply (the interpreter,
         ATTNC_AUTOTUNE=off), chunks are 64 tokens and the kernels' defaults hold."""
-        from .binding import bind, expand_heads
-
+        calls = _calls()
         if chunk_size is not None and (chunk_size < 16 or chunk_size & (chunk_size - 1)):
             raise ValueError(f"chunk_size must be a power of two >= 16, got {chunk_size}")
         if precision not in ("tf32", "ieee"):
             raise ValueError(f"precision must be 'tf32' or 'ieee', got {precision!r}")
-        bound = bind(self.spec, kwargs, initial_state=initial_state, cu_seqlens=cu_seqlens)
+        bound = calls.bind(self.spec, kwargs, initial_state=initial_state, cu_seqlens=cu_seqlens)
         backend = self._backend(bound, backend)
         dtype = _stream_dtype(bound.inputs.values())
         if self.no_chunk_form is not None:
@@ -82,7 +98,7 @@ class CompiledOp:
         H = bound.H
         values: dict[str, object] = {}
         for inp in self.spec.inputs:  # [B, T, H, D], scalars get D = 1
-            x = expand_heads(bound.inputs[inp.name], H)
+            x = calls.expand_heads(bound.inputs[inp.name], H)
             # the fused Triton prologue reads any dtype and computes in fp32; the PyTorch
             # one computes in the tensors' dtype, so it gets fp32 copies
             x = x if backend == "triton" else x.float()
@@ -171,19 +187,14 @@ class CompiledOp:
         pool [P, H, *dims] with `state_indices` (int [N]) naming each sequence's row.
         inplace: write the new states into `state`. Runs the spec's fused recurrent
         kernel ("triton") or the reference recurrence ("torch"); no autograd."""
-        import torch
-
-        from .binding import bind
-
-        bound = bind(self.spec, kwargs, cu_seqlens=cu_seqlens)
+        calls = _calls()
+        bound = calls.bind(self.spec, kwargs, cu_seqlens=cu_seqlens)
         backend = self._backend(bound, backend)
-        states = (state,) if isinstance(state, torch.Tensor) else tuple(state)
+        states = (state,) if isinstance(state, calls.torch.Tensor) else tuple(state)
         if backend == "triton":
-            from .recurrent_op import step
-
             self.plan_module(bound.device)  # the recurrent module, from the kernel cache
-            outputs, new_states = step(self.spec, bound, states, inplace=inplace,
-                                       state_indices=state_indices)
+            outputs, new_states = calls.step(self.spec, bound, states, inplace=inplace,
+                                             state_indices=state_indices)
             return _unwrap(outputs), _unwrap(new_states)
         return self._reference_step(bound, states, inplace, state_indices)
 
@@ -216,10 +227,8 @@ class CompiledOp:
         return _unwrap(outputs), _unwrap(tuple(f.float() for f in finals))
 
     def _backend(self, bound, backend):
-        from .kernels import on_gpu_path
-
         if backend is None:
-            return "triton" if on_gpu_path(bound.device) else "torch"
+            return "triton" if _calls().on_gpu_path(bound.device) else "torch"
         if backend not in ("triton", "torch"):
             raise ValueError(f"backend must be 'triton' or 'torch', got {backend!r}")
         return backend

@@ -192,6 +192,21 @@ def test_step_varlen_inplace():
     assert max(_errors(outputs + cache, ref_outputs + ref_finals)) <= FP32_TOLERANCE
 
 
+def test_step_launch_values_follow_each_call_shape():
+    """The launcher keeps its launch values per call shape: alternating batch sizes, token
+    counts and GQA head layouts each match the reference, and inputs that require grad
+    give outputs and states that do not (a step has no autograd)."""
+    op = attnc.load("gated_deltanet")
+    cases = [dict(B=2, T=1), dict(B=3, T=2), dict(B=2, T=1, heads={"q": 1, "k": 1}),
+             dict(B=3, T=2), dict(B=2, T=1)]
+    for seed, case in enumerate(cases):
+        args, states, _ = _case(op, V=16, seed=seed, requires_grad=True, **case)
+        outputs, finals = step(op.spec, bind(op.spec, args), tuple(s.detach() for s in states))
+        ref_outputs, ref_finals, _, _ = _reference(op, args, states, None)
+        assert max(_errors(outputs + finals, ref_outputs + ref_finals)) <= FP32_TOLERANCE, case
+        assert not any(t.requires_grad for t in outputs + finals), case
+
+
 def test_step_rejects_bad_states():
     op = attnc.load("gla")
     args, states, _ = _case(op, T=1)
