@@ -122,7 +122,7 @@ def _cmd_trace(args) -> int:
 
 
 def _trace(args) -> int:
-    from .launches import KernelLaunch
+    from .launches import HostSync, KernelLaunch
 
     reports = []
     for op, (B, T, H, dims), trace in _traces(args):
@@ -145,8 +145,10 @@ def _trace(args) -> int:
                 if floor else ""
             launches = len(trace.launches(phase))
             passes = len(trace.torch_ops(phase))
+            syncs = len(trace.host_syncs(phase))
             print(f"  {phase}: {_mb(trace.bytes(phase)).strip()} moved{ratio}; {launches} kernel "
-                  f"launch{'es' if launches != 1 else ''}, {passes} PyTorch pass{'es' if passes != 1 else ''}")
+                  f"launch{'es' if launches != 1 else ''}, {passes} PyTorch pass{'es' if passes != 1 else ''}"
+                  f", {syncs} host sync{'s' if syncs != 1 else ''}")
             if phase in host:
                 print(f"    host work {host[phase]:.0f} us per call on this CPU (attnc's own: "
                       "kernels not launched)")
@@ -156,6 +158,8 @@ def _trace(args) -> int:
                 if isinstance(event, KernelLaunch):
                     grid = "x".join(map(str, event.grid))
                     print(f"    kernel {event.name:38s}{_mb(event.tensor_bytes)}  grid {grid}")
+                elif isinstance(event, HostSync):
+                    print(f"    sync   {event.name:38s}(the host waits for the device)")
                 else:
                     print(f"    torch  {event.name:38s}{_mb(event.bytes)}")
     if args.json:
@@ -178,11 +182,13 @@ def _host_times(op, dims, args) -> dict[str, float]:
 
 
 def _event_json(event) -> dict:
-    from .launches import KernelLaunch
+    from .launches import HostSync, KernelLaunch
 
     if isinstance(event, KernelLaunch):
         return {"kernel": event.name, "bytes": event.tensor_bytes, "grid": list(event.grid),
                 **event.options}
+    if isinstance(event, HostSync):
+        return {"host_sync": event.name}
     return {"torch": event.name, "bytes": event.bytes}
 
 

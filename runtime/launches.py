@@ -80,11 +80,21 @@ class TorchOp:
         return self.read_bytes + self.written_bytes
 
 
+@dataclass(frozen=True)
+class HostSync:
+    """A PyTorch op that makes the host wait for the device: it reads a tensor's value
+    (`.item()`, `int(t)`) or sizes its output by the data (nonzero, repeat_interleave by
+    a tensor). On a GPU it stalls the launch queue, and a CUDA graph cannot capture it."""
+
+    phase: str
+    name: str
+
+
 @dataclass
 class Trace:
     """Everything one call did, in order, by phase ("forward", "backward", "step")."""
 
-    events: list[KernelLaunch | TorchOp] = field(default_factory=list)
+    events: list[KernelLaunch | TorchOp | HostSync] = field(default_factory=list)
     floor_bytes: dict[str, int] = field(default_factory=dict)
 
     def launches(self, phase: str | None = None) -> list[KernelLaunch]:
@@ -92,6 +102,9 @@ class Trace:
 
     def torch_ops(self, phase: str | None = None) -> list[TorchOp]:
         return [e for e in self.events if isinstance(e, TorchOp) and phase in (None, e.phase)]
+
+    def host_syncs(self, phase: str | None = None) -> list[HostSync]:
+        return [e for e in self.events if isinstance(e, HostSync) and phase in (None, e.phase)]
 
     def phases(self) -> list[str]:
         return list(dict.fromkeys(e.phase for e in self.events))
@@ -125,6 +138,8 @@ class _Recorder(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         name = str(func.overloadpacket) if hasattr(func, "overloadpacket") else str(func)
+        if self._syncs(func, name, kwargs):
+            self.trace.events.append(HostSync(self.phase, name))
         if name.startswith(self._FREE):
             return out
         inputs = [a for a in _flatten((args, kwargs)) if isinstance(a, torch.Tensor)]
@@ -141,6 +156,13 @@ class _Recorder(TorchDispatchMode):
             self.trace.events.append(TorchOp(self.phase, name, read, written,
                                              tuple(tuple(o.shape) for o in outputs)))
         return out
+
+    @staticmethod
+    def _syncs(func, name, kwargs) -> bool:
+        if name in ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select"):
+            return True
+        # repeat_interleave by a tensor of counts sizes its output from their sum
+        return str(func).startswith("aten.repeat_interleave.Tensor") and kwargs.get("output_size") is None
 
     def launch(self, kernel, grid, args, kwargs):
         signature = inspect.signature(kernel.fn)

@@ -132,6 +132,7 @@ def test_trace_cli_reports_host_time_and_counts():
     assert all(phase["host_us"] > 0 for phase in report["phases"].values())
     text = run_cli("trace", "linear_attn", "--shape", "1,64,2,32,32", "--no-backward", "--host-time")
     assert "us per call on this CPU" in text.stdout and "kernel launches" in text.stdout
+    assert "0 host syncs" in text.stdout
 
 
 def test_aot_compiles_every_kernel_of_a_call_for_an_h100():
@@ -201,6 +202,38 @@ def test_diag_backward_runs_no_pytorch_pass_between_its_kernels(name, monkeypatc
     assert len(chunk) >= 6, f"{name}: chunk kernels in the backward: {[events[i].name for i in chunk]}"
     between = [e.name for e in events[chunk[0]:chunk[-1]] if not isinstance(e, KernelLaunch)]
     assert not between, f"{name}: PyTorch passes inside the chunk backward: {between}"
+
+
+def test_trace_records_host_syncs():
+    """Reading a value on the host, or sizing an output by the data, is a host sync."""
+    from attnc.runtime.launches import Trace, _recording
+
+    trace = Trace()
+    x = torch.tensor([0.0, 2.0, 3.0])
+    with _recording(trace) as recorder:
+        recorder.phase = "forward"
+        float(x.sum())
+        x.nonzero()
+        torch.repeat_interleave(torch.tensor([1, 2]))
+        torch.repeat_interleave(torch.tensor([1, 2]), output_size=3)  # sized by the caller
+        x.repeat_interleave(2)
+    assert [e.name for e in trace.host_syncs("forward")] == [
+        "aten._local_scalar_dense", "aten.nonzero", "aten.repeat_interleave"]
+
+
+@pytest.mark.parametrize("name", attnc.shipped_specs())
+def test_calls_without_varlen_make_no_host_sync(name):
+    """Forward, backward and decode step never wait for the device (no .item(), no output
+    sized by the data): the host runs ahead of the GPU, and nothing in the call stops a
+    CUDA graph from capturing it. (varlen calls read cu_seqlens on the host by design.)"""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # specs without a chunk form warn
+        op = attnc.load(name)
+    trace = record(op, B=2, T=64, H=2, dims={"K": 32, "V": 32}, dtype=torch.bfloat16)
+    assert trace.launches("backward") and trace.launches("step")
+    assert not trace.host_syncs(), [(e.phase, e.name) for e in trace.host_syncs()]
 
 
 BAD_KERNEL = '''
