@@ -8,7 +8,9 @@ Timings are medians of triton.testing.do_bench on random bf16 inputs (never zero
 variants timed in the same process, side by side. Each forward's "floor" is the bytes
 of its inputs and outputs read/written once, over the measured device copy bandwidth.
 "attnc host ms" is how long a call takes to return without waiting for the GPU: where it
-reaches the kernel time, the row measures the host, not the kernels.
+reaches the kernel time, the row measures the host, not the kernels. Decode steps are
+also timed replayed from a CUDA graph ("graphed ms"), as serving stacks run them: the
+GPU time alone.
 """
 from __future__ import annotations
 
@@ -27,12 +29,19 @@ import torch
 import attnc
 from attnc.runtime.sampling import random_arguments
 
-# attnc spec -> the fla op that computes the same recurrence, and how to call it
+# attnc spec -> the fla op that computes the same recurrence: chunked (training) and
+# fused recurrent (decode)
 FLA_TWINS = {
     "mamba2": "chunk_simple_gla",
     "gla": "chunk_gla",
     "deltanet": "chunk_delta_rule",
     "gated_deltanet": "chunk_gated_delta_rule",
+}
+FLA_DECODE_TWINS = {
+    "mamba2": "fused_recurrent_simple_gla",
+    "gla": "fused_recurrent_gla",
+    "deltanet": "fused_recurrent_delta_rule",
+    "gated_deltanet": "fused_recurrent_gated_delta_rule",
 }
 
 
@@ -81,32 +90,64 @@ def copy_bandwidth(device) -> float:
     return 2 * x.numel() / (ms * 1e-3)
 
 
-def _fla_call(name, args, spec_name):
-    """fla's op on the same data (its own argument conventions), or None without fla."""
+def _fla_arguments(spec_name, args):
+    """fla's keyword arguments for attnc's random arguments of `spec_name`, or None. The
+    gates fla takes precomputed (log decays, mamba2's dt-scaled keys) are computed here,
+    once, as leaves: fla's timings cover its kernels, not that preparation (attnc's cover
+    its prologue, which computes them)."""
+    import torch.nn.functional as F
+
+    def leaf(x, like):
+        return x.detach().requires_grad_(like.requires_grad)
+
+    if spec_name == "mamba2":
+        dt = F.softplus(args["dt"] + args["dt_bias"][None, None])
+        g = -torch.exp(args["A_log"].float())[None, None] * dt.float()
+        k = (args["B"] * dt[..., None]).to(args["B"].dtype)
+        return dict(q=args["C"], k=leaf(k, args["B"]), v=args["x"], g=leaf(g, args["dt"]), scale=1.0)
+    if spec_name == "gla":
+        g = F.logsigmoid(args["g"].float()) / 16
+        return dict(q=args["q"], k=args["k"], v=args["v"], g=leaf(g, args["g"]))
+    if spec_name == "deltanet":
+        return dict(q=args["q"], k=args["k"], v=args["v"], beta=args["beta"],
+                    use_qk_l2norm_in_kernel=True)
+    if spec_name == "gated_deltanet":
+        return dict(q=args["q"], k=args["k"], v=args["v"], g=leaf(args["alpha"].float(), args["alpha"]),
+                    beta=args["beta"], use_qk_l2norm_in_kernel=True)
+    return None
+
+
+def _fla_call(name, args, spec_name, **extra):
+    """fla's op `name` on the same data (its own argument conventions), or None without
+    fla or a twin. `extra`: more keyword arguments (a decode's initial state)."""
     try:
         import fla.ops as fops
     except Exception:
         return None
-    import torch.nn.functional as F
-
     fn = getattr(fops, name, None)
-    if fn is None:
+    kwargs = _fla_arguments(spec_name, args)
+    if fn is None or kwargs is None:
         return None
-    if spec_name == "mamba2":
-        dt = F.softplus(args["dt"] + args["dt_bias"][None, None])
-        g = (-torch.exp(args["A_log"].float())[None, None] * dt.float())
-        k = (args["B"] * dt[..., None]).to(args["B"].dtype)
-        return lambda: fn(q=args["C"], k=k, v=args["x"], g=g, scale=1.0)
-    if spec_name == "gla":
-        g = F.logsigmoid(args["g"].float()) / 16
-        return lambda: fn(q=args["q"], k=args["k"], v=args["v"], g=g)
-    if spec_name == "deltanet":
-        return lambda: fn(q=args["q"], k=args["k"], v=args["v"], beta=args["beta"],
-                          use_qk_l2norm_in_kernel=True)
-    if spec_name == "gated_deltanet":
-        return lambda: fn(q=args["q"], k=args["k"], v=args["v"], g=args["alpha"].float(),
-                          beta=args["beta"], use_qk_l2norm_in_kernel=True)
-    return None
+    if name == "fused_recurrent_gla":
+        kwargs["gk"] = kwargs.pop("g")  # the fused recurrent op names the K-side gate gk
+    return lambda: fn(**kwargs, **extra)
+
+
+def _graphed_ms(fn) -> float:
+    """Median ms of fn replayed from a CUDA graph: GPU time with no host work per call, as
+    a serving stack that captures its decode step sees it."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up (compiles) off the capture
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    _sync()
+    return _median_ms(graph.replay)
 
 
 def bench_variant(spec_name, B, T, H, D, dtype, device, bandwidth):
@@ -141,20 +182,25 @@ def bench_variant(spec_name, B, T, H, D, dtype, device, bandwidth):
 
     fla = _fla_call(FLA_TWINS.get(spec_name, ""), args, spec_name) if device == "cuda" else None
     if fla is not None:
-        fla()
-        row["fla fwd ms"] = _median_ms(fla)
-        fla_grads = {n: t.detach().clone().requires_grad_() for n, t in args.items()}
-        fla_bwd = _fla_call(FLA_TWINS[spec_name], fla_grads, spec_name)
+        try:
+            fla()
+            row["fla fwd ms"] = _median_ms(fla)
+            fla_grads = {n: t.detach().clone().requires_grad_() for n, t in args.items()}
+            fla_bwd = _fla_call(FLA_TWINS[spec_name], fla_grads, spec_name)
 
-        def fla_fwd_bwd():
-            o = fla_bwd()[0]
-            o.backward(do.to(o.dtype))
-        row["fla fwd+bwd ms"] = _median_ms(fla_fwd_bwd)
+            def fla_fwd_bwd():
+                o = fla_bwd()[0]
+                o.backward(do.to(o.dtype))
+            row["fla fwd+bwd ms"] = _median_ms(fla_fwd_bwd)
+        except Exception as err:  # fla's failure is reported; attnc's numbers stand
+            row["error"] = f"fla: {type(err).__name__}: {err}"[:200]
     return row
 
 
 def bench_decode(spec_name, B, H, D, dtype, device, bandwidth):
-    """One decode step (T = 1) against a cached fp32 state, in place."""
+    """One decode step (T = 1) against a cached fp32 state, in place; beside fla's fused
+    recurrent op from the same state (which writes a new final state: the same bytes).
+    On a GPU both are also timed replayed from a CUDA graph (no host work per call)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         op = attnc.load(spec_name)
@@ -162,12 +208,30 @@ def bench_decode(spec_name, B, H, D, dtype, device, bandwidth):
                             device=device)
     state = tuple(torch.randn(B, H, D, D, device=device) for _ in op.spec.states)
     state = state[0] if len(state) == 1 else state
-    op.step(**args, state=state, inplace=True)
+
+    def step():
+        op.step(**args, state=state, inplace=True)
+    step()
     row = {"variant": f"{spec_name} decode step", "T": 1, "B": B, "D": D,
-           "attnc fwd ms": _median_ms(lambda: op.step(**args, state=state, inplace=True)),
-           "attnc host ms": _host_ms(lambda: op.step(**args, state=state, inplace=True))}
+           "attnc fwd ms": _median_ms(step), "attnc host ms": _host_ms(step)}
     state_bytes = 2 * len(op.spec.states) * B * H * D * D * 4  # fp32 state read + written
     row["floor ms"] = state_bytes / bandwidth * 1e3
+    if device != "cuda":
+        return row
+    errors = []
+    fla = _fla_call(FLA_DECODE_TWINS.get(spec_name, ""), args, spec_name,
+                    initial_state=torch.randn(B, H, D, D, device=device), output_final_state=True)
+    timed = [("attnc", step)] + ([("fla", fla)] if fla is not None else [])
+    if fla is not None:
+        fla()
+        row["fla fwd ms"] = _median_ms(fla)
+    for who, fn in timed:
+        try:
+            row[f"{who} graphed ms"] = _graphed_ms(fn)
+        except Exception as err:  # reported in the row, the plain timings stand
+            errors.append(f"{who} graph capture: {type(err).__name__}: {err}"[:200])
+    if errors:
+        row["error"] = "; ".join(errors)
     return row
 
 
@@ -253,7 +317,7 @@ def main(argv=None) -> int:
         rows.append(bench_softmax_attention(B, T, H, D, dtype, device))
         print(rows[-1], flush=True)
     B, T, H, D = shapes[0]
-    for variant in ("gla", "gated_deltanet"):
+    for variant in ("mamba2", "gla", "deltanet", "gated_deltanet"):
         rows.append(bench_decode(variant, decode_batch, H, D, dtype, device, bandwidth))
         print(rows[-1], flush=True)
     try:
@@ -267,7 +331,8 @@ def main(argv=None) -> int:
     return 0
 
 
-COLUMNS = ["variant", "B", "T", "D", "attnc fwd ms", "attnc host ms", "fla fwd ms", "sdpa fwd ms", "flex fwd ms",
+COLUMNS = ["variant", "B", "T", "D", "attnc fwd ms", "attnc host ms", "attnc graphed ms", "fla fwd ms",
+           "fla graphed ms", "sdpa fwd ms", "flex fwd ms",
            "attnc fwd+bwd ms", "fla fwd+bwd ms", "floor ms", "fwd / floor", "attnc peak GiB",
            "first call s", "warm first call s", "error"]
 
