@@ -17,6 +17,7 @@ H % H_i == 0: head h then reads head h // (H // H_i) of it (GQA/GVA sharing, the
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from functools import lru_cache
 from types import MappingProxyType
@@ -408,6 +409,10 @@ def _bind_cu_seqlens(
             f"cu_seqlens packs sequences along T and needs B == 1: {first}: expected shape "
             f"{_shape_list(names)} = {_shape_list(expected)}, got {_shape_list(inputs[first].shape)}"
         )
+    checked = _CHECKED_BOUNDS.get(id(cu_seqlens))
+    version = _version(cu_seqlens)
+    if checked is not None and checked[0]() is cu_seqlens and checked[1:3] == (version, T):
+        return cu_seqlens if checked[3] is None else checked[3]
     # one host sync: the boundaries must be valid before anything indexes with them
     bounds = cu_seqlens.tolist()
     increasing = all(a < b for a, b in zip(bounds, bounds[1:]))
@@ -416,7 +421,29 @@ def _bind_cu_seqlens(
         raise ValueError(
             f"cu_seqlens: expected {wanted} (no empty sequences), got {_shape_list(shown)} of shape {shape}"
         )
-    return cu_seqlens.to(torch.int64)
+    wide = cu_seqlens.to(torch.int64)
+    if version is not None:
+        key = id(cu_seqlens)
+        # (an int64 tensor is handed on itself, and not held here: that would keep it alive)
+        _CHECKED_BOUNDS[key] = (weakref.ref(cu_seqlens, lambda _: _CHECKED_BOUNDS.pop(key, None)),
+                                version, T, None if wide is cu_seqlens else wide)
+    return wide
+
+
+# cu_seqlens tensors whose boundaries passed the checks, by id: (weak reference, version,
+# T, the int64 copy handed on, or None when the tensor is int64 itself). Reading them is a host sync, and a model hands the same
+# tensor to every layer's forward and backward: each tensor (and each in-place change of
+# it, which bumps its version) is read once. The int64 tensor is the same each time, so
+# the kernels' chunk layouts, kept per tensor, are computed once too.
+_CHECKED_BOUNDS: dict[int, tuple] = {}
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    """The tensor's version counter (None for inference-mode tensors, which keep none)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
 
 
 # ---------------------------------------------------------------- initial states

@@ -319,6 +319,33 @@ def test_cu_seqlens_must_be_one_dimensional(gdn):
         bind(gdn, gdn_args(batch=1), cu_seqlens=torch.tensor([[0, 5, T]]))
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_cu_seqlens_checked_once_and_not_kept_alive(gdn, dtype):
+    """A cu_seqlens tensor's boundaries are read once (a host sync), the same int64 tensor is
+    handed on each time, and what bind remembers leaves with the tensor."""
+    import gc
+
+    from attnc.runtime import binding
+
+    cu = torch.tensor([0, 4, 9, T], dtype=dtype)
+    first = bind(gdn, gdn_args(batch=1), cu_seqlens=cu).cu_seqlens
+    again = bind(gdn, gdn_args(batch=1), cu_seqlens=cu).cu_seqlens
+    assert again is first and first.dtype == torch.int64 and first.tolist() == [0, 4, 9, T]
+    assert id(cu) in binding._CHECKED_BOUNDS
+    key = id(cu)
+    del cu, first, again
+    gc.collect()
+    assert key not in binding._CHECKED_BOUNDS
+
+
+def test_cu_seqlens_changed_in_place_is_checked_again(gdn):
+    cu = torch.tensor([0, 4, 9, T])
+    bind(gdn, gdn_args(batch=1), cu_seqlens=cu)
+    cu[2] = 3
+    with raises("cu_seqlens", "strictly increasing", "[0, 4, 3, 17]"):
+        bind(gdn, gdn_args(batch=1), cu_seqlens=cu)
+
+
 def test_cu_seqlens_device(gdn):
     with raises("cu_seqlens", "cpu", "meta"):
         bind(gdn, gdn_args(batch=1), cu_seqlens=torch.tensor([0, 5, T], device="meta"))

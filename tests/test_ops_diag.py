@@ -144,3 +144,48 @@ def test_every_elementwise_function_differentiates(backend):
     result = verify(op, B=1, T=40, H=2, K=16, V=16, backend=backend)
     assert result.ok, result.errors
     assert {"dq", "dk", "dv", "dg", "db", "dw", "dc"} <= set(result.errors)
+
+
+@pytest.mark.parametrize("name", ["gla", "gated_deltanet", "mamba1"])
+def test_varlen_calls_read_cu_seqlens_once_per_tensor(name, monkeypatch):
+    """Reading cu_seqlens is a host sync: bind's checks and each kernel module's chunk
+    layout read a given tensor once, so a training step's later calls (backward, other
+    layers) read nothing. An in-place change is seen: new boundaries are read, used, and
+    checked."""
+    import warnings
+
+    from attnc.runtime.sampling import random_arguments
+    from attnc.runtime.verify import rel_rms
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # mamba1 has no chunk form
+        op = attnc.load(name)
+    gen = torch.Generator().manual_seed(0)
+    args = random_arguments(op.analysis, B=1, T=40, H=2, dims={"K": 16, "V": 16}, generator=gen)
+    cu = torch.tensor([0, 15, 40], dtype=torch.int32)
+    reads = []
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(self.shape) or tolist(self))
+
+    def run():
+        leaves = {n: x.detach().clone().requires_grad_() for n, x in args.items()}
+        out, _ = op(**leaves, cu_seqlens=cu, backend="triton")
+        out.float().sum().backward()
+        return out.detach(), [leaves[n].grad for n in args]
+
+    first_out, first_grads = run()
+    first_reads = len(reads)
+    assert first_reads >= 2, reads   # bind's check and the kernels' layout
+    second_out, second_grads = run()
+    assert len(reads) == first_reads, f"cu_seqlens read again: {reads[first_reads:]}"
+    assert torch.equal(first_out, second_out)
+    assert all(torch.equal(a, b) for a, b in zip(first_grads, second_grads))
+
+    cu[1] = 25   # in place: the next call reads and uses the new boundaries
+    out, _ = op(**args, cu_seqlens=cu, backend="triton")
+    assert len(reads) > first_reads
+    want, _ = op.reference(**{n: x.double() for n, x in args.items()}, cu_seqlens=cu)
+    assert rel_rms(out.double(), want) < 1e-4
+    cu[1] = 50   # and checks them
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        op(**args, cu_seqlens=cu, backend="triton")
