@@ -3,6 +3,7 @@
     python bench/bench.py                      # standard shapes, writes bench/results/<device>.md
     python bench/bench.py --quick              # one shape, fewer variants
     python bench/bench.py --smoke --out DIR    # CPU smoke test of the harness (tiny shapes)
+    python bench/bench.py --shapes 1,32768,16,128 --variants gla --no-decode --no-cold-start
 
 Timings are medians of triton.testing.do_bench on random bf16 inputs (never zeros), all
 variants timed in the same process, side by side. Each forward's "floor" is the bytes
@@ -286,6 +287,11 @@ def main(argv=None) -> int:
                         help="tiny shapes on the CPU: checks the harness, measures nothing")
     parser.add_argument("--variants", nargs="*",
                         default=["mamba2", "gla", "retnet", "deltanet", "gated_deltanet", "kda"])
+    parser.add_argument("--shapes", nargs="*", metavar="B,T,H,D",
+                        help="shapes to time instead of the standard ones (the first also "
+                             "sets the decode heads and head dim and the cold-start shape)")
+    parser.add_argument("--no-decode", action="store_true", help="skip the decode-step rows")
+    parser.add_argument("--no-cold-start", action="store_true", help="skip the cold-start row")
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -303,8 +309,25 @@ def main(argv=None) -> int:
         print("bench.py needs a CUDA GPU (or --smoke to check the harness on the CPU)",
               file=sys.stderr)
         return 2
+    if args.shapes:
+        try:
+            shapes = [tuple(int(n) for n in text.split(",")) for text in args.shapes]
+        except ValueError:
+            shapes = []
+        if not shapes or any(len(shape) != 4 or min(shape) < 1 for shape in shapes):
+            parser.error(f"--shapes {' '.join(args.shapes)}: expected positive B,T,H,D "
+                         f"for each shape, e.g. 16,2048,16,128")
     bandwidth = copy_bandwidth(device)
+    command = "python bench/bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
     rows = []
+    start = time.perf_counter()
+
+    def add(row):  # the table is rewritten after every row: a run cut short keeps its rows
+        rows.append(row)
+        print(f"[{time.perf_counter() - start:6.1f} s] {row}", flush=True)
+        write_results(rows, name, bandwidth, args.out, dtype=dtype, heads=shapes[0][2],
+                      command=command.strip())
+
     for B, T, H, D in shapes:
         for variant in args.variants:
             try:
@@ -312,22 +335,21 @@ def main(argv=None) -> int:
             except Exception as err:  # a miss is reported as a miss
                 row = {"variant": variant, "T": T, "B": B, "D": D,
                        "error": f"{type(err).__name__}: {err}"[:200]}
-            rows.append(row)
-            print(row, flush=True)
-        rows.append(bench_softmax_attention(B, T, H, D, dtype, device))
-        print(rows[-1], flush=True)
+            add(row)
+        add(bench_softmax_attention(B, T, H, D, dtype, device))
     B, T, H, D = shapes[0]
-    for variant in ("mamba2", "gla", "deltanet", "gated_deltanet"):
-        rows.append(bench_decode(variant, decode_batch, H, D, dtype, device, bandwidth))
-        print(rows[-1], flush=True)
-    try:
-        rows.append(cold_start("gla", device, B, T, H, D))
-    except RuntimeError as err:
-        rows.append({"variant": "gla first call (cold / warm cache), s", "error": str(err)})
-    print(rows[-1], flush=True)
-    write_results(rows, name, bandwidth, args.out, dtype=dtype, heads=shapes[0][2],
-                  command="python bench/bench.py" + (" --smoke" if args.smoke else "")
-                  + (" --quick" if args.quick else ""))
+    if not args.no_decode:
+        for variant in ("mamba2", "gla", "deltanet", "gated_deltanet"):
+            try:
+                add(bench_decode(variant, decode_batch, H, D, dtype, device, bandwidth))
+            except Exception as err:
+                add({"variant": f"{variant} decode step", "T": 1, "B": decode_batch, "D": D,
+                     "error": f"{type(err).__name__}: {err}"[:200]})
+    if not args.no_cold_start:
+        try:
+            add(cold_start("gla", device, B, T, H, D))
+        except RuntimeError as err:
+            add({"variant": "gla first call (cold / warm cache), s", "error": str(err)})
     return 0
 
 
@@ -376,6 +398,7 @@ def write_results(rows, device_name, bandwidth, out_dir, command, dtype, heads):
     ax.set_title(f"attnc forward, {dtype}, H={heads}, {device_name}")
     fig.tight_layout()
     fig.savefig(out / f"{device_name}.png", dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

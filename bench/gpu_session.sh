@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # What a GPU session should run (device time is scarce; one device command may run at
 # most 10 minutes, so run the steps as separate commands):
-#   bench/gpu_session.sh tests     the GPU test suite, and bench/check_fla_twins.py
+#   bench/gpu_session.sh tests     the GPU test suite (8 workers with pytest-xdist), and
+#                                  bench/check_fla_twins.py
 #   bench/gpu_session.sh tune      tune the standard shape for the benchmarked specs
-#   bench/gpu_session.sh bench     the benchmark (writes <device>.md and .png)
+#   bench/gpu_session.sh bench [ARGS]  the benchmark (writes <device>.md and .png); ARGS go
+#                                  to bench.py, e.g. --quick --variants gla
 # Results and logs go to ${OUT:-bench/results}. The device image has torch and Triton
 # but not lark/platformdirs/filelock/fla-core/einops (fla's one dependency): fetch their
 # wheels into .whl first (see .library/device/README.md), e.g.
@@ -11,6 +13,7 @@
 #     --platform manylinux2014_x86_64 -d .whl lark==1.3.1 platformdirs filelock fla-core==0.6.0 einops
 set -uo pipefail
 step=${1:-tests}
+shift || true
 case "$step" in tests|tune|bench) ;; *) echo "usage: bench/gpu_session.sh tests|tune|bench" >&2; exit 2 ;; esac
 out=${OUT:-bench/results}
 mkdir -p "$out"
@@ -25,7 +28,8 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
     | tee -a "$out/device.txt"
 case "$step" in
 tests)
-timeout 420 python3 -m pytest tests/test_gpu.py -q -x --durations=10 -p no:cacheprovider \
+workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
+timeout 420 python3 -m pytest tests/test_gpu.py -q $workers --durations=10 -p no:cacheprovider \
     2>&1 | tee "$out/gpu_tests.log"
 # the fla ops bench.py times beside attnc compute the same recurrences (chunk and decode)
 timeout 110 python3 bench/check_fla_twins.py 2>&1 | tee "$out/fla_twins.log" ;;
@@ -35,5 +39,5 @@ for spec in mamba2 gla gated_deltanet deltanet; do
         2>&1 | tee -a "$out/tune.log"
 done ;;
 bench)
-timeout 560 python3 bench/bench.py --out "$out" 2>&1 | tee "$out/bench.log" ;;
+timeout 560 python3 bench/bench.py --out "$out" "$@" 2>&1 | tee -a "$out/bench.log" ;;
 esac
