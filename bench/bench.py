@@ -46,6 +46,9 @@ FLA_DECODE_TWINS = {
 }
 
 
+_FLA_OFF = _FLEX_OFF = False  # --no-fla, --no-flex
+
+
 def _median_ms(fn, warmup=25, rep=100) -> float:
     """Median milliseconds of fn: triton's do_bench on a GPU (L2 flushed between runs),
     a plain perf_counter median on the CPU (smoke runs only: those numbers mean nothing)."""
@@ -121,6 +124,8 @@ def _fla_arguments(spec_name, args):
 def _fla_call(name, args, spec_name, **extra):
     """fla's op `name` on the same data (its own argument conventions), or None without
     fla or a twin. `extra`: more keyword arguments (a decode's initial state)."""
+    if _FLA_OFF:
+        return None
     try:
         import fla.ops as fops
     except Exception:
@@ -267,7 +272,7 @@ def bench_softmax_attention(B, T, H, D, dtype, device):
     f = torch.nn.functional.scaled_dot_product_attention
     row = {"variant": "softmax attention (causal)", "T": T, "B": B, "D": D,
            "sdpa fwd ms": _median_ms(lambda: f(q, k, v, is_causal=True))}
-    if device == "cuda":
+    if device == "cuda" and not _FLEX_OFF:
         try:
             from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -292,8 +297,13 @@ def main(argv=None) -> int:
                              "sets the decode heads and head dim and the cold-start shape)")
     parser.add_argument("--no-decode", action="store_true", help="skip the decode-step rows")
     parser.add_argument("--no-cold-start", action="store_true", help="skip the cold-start row")
+    parser.add_argument("--no-fla", action="store_true",
+                        help="leave fla out (its autotuning takes minutes per op)")
+    parser.add_argument("--no-flex", action="store_true", help="leave FlexAttention out")
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args(argv)
+    global _FLA_OFF, _FLEX_OFF
+    _FLA_OFF, _FLEX_OFF = args.no_fla, args.no_flex
     if args.smoke:
         device, dtype, name = "cpu", torch.float32, "cpu-smoke"
         shapes = [(1, 64, 2, 16)]
@@ -385,6 +395,8 @@ def write_results(rows, device_name, bandwidth, out_dir, command, dtype, heads):
         return
     fig, ax = plt.subplots(figsize=(7, 4))
     for variant in sorted({r["variant"] for r in rows}):
+        if "decode" in variant or "first call" in variant:
+            continue  # T = 1 and seconds: not on this plot
         head_dim = rows[0]["D"]
         pts = [(r["T"], r.get("attnc fwd ms") or r.get("sdpa fwd ms")) for r in rows
                if r["variant"] == variant and r.get("D") == head_dim
