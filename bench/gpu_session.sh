@@ -6,6 +6,8 @@
 #   bench/gpu_session.sh tune      tune the standard shape for the benchmarked specs
 #   bench/gpu_session.sh bench [ARGS]  the benchmark (writes <device>.md and .png); ARGS go
 #                                  to bench.py, e.g. --quick --variants gla
+#   bench/gpu_session.sh profile [SPECS]  each kernel's time, bytes and GB/s at the standard
+#                                  shape, forward and backward (writes <device>-kernels.md)
 # Results and logs go to ${OUT:-bench/results}. The device image has torch and Triton
 # but not lark/platformdirs/filelock/fla-core/einops (fla's one dependency): fetch their
 # wheels into .whl first (see .library/device/README.md), e.g.
@@ -14,7 +16,7 @@
 set -uo pipefail
 step=${1:-tests}
 shift || true
-case "$step" in tests|tune|bench) ;; *) echo "usage: bench/gpu_session.sh tests|tune|bench" >&2; exit 2 ;; esac
+case "$step" in tests|tune|bench|profile) ;; *) echo "usage: bench/gpu_session.sh tests|tune|bench|profile" >&2; exit 2 ;; esac
 out=${OUT:-bench/results}
 mkdir -p "$out"
 if [ -d .whl ]; then
@@ -40,4 +42,7 @@ for spec in mamba2 gla gated_deltanet deltanet; do
 done ;;
 bench)
 timeout 560 python3 bench/bench.py --out "$out" "$@" 2>&1 | tee -a "$out/bench.log" ;;
+profile)
+[ $# -gt 0 ] || set -- mamba2 gla deltanet gated_deltanet
+timeout 560 python3 bench/kernel_times.py "$@" --out "$out" 2>&1 | tee -a "$out/profile.log" ;;
 esac

@@ -56,7 +56,8 @@ def _turn_interpreter_off() -> None:
     use_compiled_kernels()
 
 
-def _parse_config(text: str | None) -> dict[str, int] | None:
+def parse_config(text: str | None) -> dict[str, int] | None:
+    """--config text ("num_warps=8,block_k=64") as a dict of ints, or None when empty."""
     if not text:
         return None
     config = {}
@@ -82,7 +83,7 @@ def _traces(args):
     dtype_name = DTYPES.get(args.dtype.strip().lower())
     if dtype_name is None:
         raise ValueError(f"--dtype {args.dtype!r}: expected one of {', '.join(DTYPES)}")
-    config = _parse_config(args.config)
+    config = parse_config(args.config)
     chunk_size = config.pop("chunk_size", None) if config else None
     for source in args.specs:
         with warnings.catch_warnings():

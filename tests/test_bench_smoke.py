@@ -86,3 +86,61 @@ def test_fla_twins_get_the_same_recurrence(spec_name):
         # (fp32 data, rounded once more where the mapping computes a gate: ~1e-7)
         assert rel_rms(o, want) < 1e-5 and rel_rms(final, want_final) < 1e-5, twins[spec_name]
         seen.clear()
+
+
+def _kernel_times():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import kernel_times
+    return kernel_times
+
+
+def test_kernel_times_summarize_a_real_profile_per_call():
+    """summarize reads a torch.profiler run (CPU ranges stand in for GPU kernels here)."""
+    kt = _kernel_times()
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    x = torch.randn(64, 64)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(4):
+            with record_function("attnc_kernel_a"):
+                x @ x
+            for _ in range(2):
+                with record_function("attnc_kernel_b"):
+                    x + x
+    times = kt.summarize(prof, torch.autograd.DeviceType.CPU, calls=4)
+    assert times["attnc_kernel_a"].calls == 1 and times["attnc_kernel_b"].calls == 2
+    assert times["attnc_kernel_a"].ms > 0
+    # forward + backward less forward: the kernels that only the backward ran
+    fwd = {"a": kt.KernelTime("a", 1, 0.5)}
+    both = {"a": kt.KernelTime("a", 2, 1.2), "b": kt.KernelTime("b", 3, 0.9)}
+    bwd = kt.difference(both, fwd)
+    assert bwd["a"].calls == 1 and abs(bwd["a"].ms - 0.7) < 1e-9 and bwd["b"].calls == 3
+    assert kt.difference(fwd, fwd) == {}
+
+
+def test_kernel_times_bytes_come_from_the_launch_trace():
+    kt = _kernel_times()
+    op = attnc.load("mamba2")
+    nbytes = kt.kernel_bytes(op, B=1, T=128, H=2, dims={"K": 32, "V": 32}, dtype=torch.bfloat16)
+    assert set(nbytes) == {"forward", "backward"}
+    assert "mamba2_S_chunk_output_fwd" in nbytes["forward"]
+    assert "mamba2_S_chunk_dqdk" in nbytes["backward"]
+    # the output kernel reads q (C), k (B), v (x) in bf16 and writes o at least
+    assert nbytes["forward"]["mamba2_S_chunk_output_fwd"] >= 4 * 128 * 2 * 32 * 2
+    rows = kt.table({"mamba2_S_chunk_output_fwd": kt.KernelTime("mamba2_S_chunk_output_fwd", 1, 0.01)},
+                    nbytes["forward"], "forward")
+    assert rows[0].startswith("#### forward: 0.010 ms")
+    assert rows[-2].startswith("| mamba2_S_chunk_output_fwd | 1 | 0.010 | 100 % |")
+
+
+def test_kernel_times_refuses_bad_arguments_and_a_machine_without_a_gpu(capsys):
+    kt = _kernel_times()
+    with pytest.raises(SystemExit):
+        kt.main(["gla", "--config", "num_warps"])
+    assert "expected KEY=VALUE" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        kt.main(["gla", "--shape", "16,2048"])
+    assert "expected B,T,H,D" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert kt.main(["gla"]) == 2
+        assert "needs a CUDA GPU" in capsys.readouterr().err
