@@ -12,6 +12,9 @@ backward of all outputs, with random output gradients, to every input and weight
 initial or final state. Training is what these kernels are for, and the backward is most
 of the time, so a config that only speeds up the forward loses.
 
+Before timing, every candidate's kernels are compiled at once on a thread pool
+(`precompile`): compiling candidates x kernels one by one was most of a cold start.
+
 Tuned configs live in the kernel cache beside the op's sources (configs.json), per device
 (`describe_device`) and shape bucket (`shape_bucket`), so a second process with the same
 shapes starts without tuning. Tuning needs compiled kernels on a CUDA GPU; in Triton's
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -255,10 +259,53 @@ def default_bench(fn: Callable[[], object]) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
+def precompile(trials, *, workers: int | None = None,
+               compile_launch: Callable | None = None) -> int:
+    """Compile every trial's kernels before any is timed, on `workers` threads (default:
+    the CPUs this process may use, at most 16). Returns the number of launches seen.
+
+    Triton compiles a kernel on one core (its MLIR passes, then ptxas), and a tuning run
+    compiles candidates x kernels of them: one by one, that was most of a cold start.
+    Here each trial runs once with its launches redirected: `kernel[grid](*args, **kw)`
+    becomes `kernel.warmup(*args, grid=grid, **kw)`, which compiles and caches exactly the
+    specialisation that launch needs without running it, and under triton.AsyncCompileMode
+    those compiles go to the thread pool (Triton de-duplicates them by cache key). Nothing
+    runs on the GPU: the host code between launches only looks at shapes, so the garbage
+    the unlaunched kernels leave is never read. A compile that fails (a candidate out of
+    resources) is dropped here and reported by the timing pass, which meets it again.
+    `compile_launch(kernel, grid, args, kwargs)` replaces the warmup (tests)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import triton
+
+    from .launches import launches_replaced
+
+    if compile_launch is None:
+        def compile_launch(kernel, grid, args, kwargs):
+            kernel.warmup(*args, grid=grid, **kwargs)
+    if workers is None:
+        workers = max(1, min(16, len(os.sched_getaffinity(0))))
+    launches = 0
+
+    def launch(kernel, grid, args, kwargs):
+        nonlocal launches
+        launches += 1
+        compile_launch(kernel, grid, args, kwargs)
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="attnc-compile") as pool, \
+            triton.AsyncCompileMode(pool, ignore_errors=True), launches_replaced(launch):
+        for trial in trials:
+            try:
+                trial()
+            except Exception as err:  # the timing pass runs it for real and reports it
+                log.debug("autotune: precompiling %s: %s", trial.config, _first_line(err))
+    return launches
+
+
 def tune(op, *, B: int, T: int, H: int, dims: Mapping[str, int], dtype=torch.bfloat16,
          device="cuda", num_sequences: int | None = None, chunk_size: int | None = None,
          mode: str | None = None, bench: Callable[[Callable[[], object]], float] | None = None,
-         progress: bool | None = None) -> TuneResult:
+         progress: bool | None = None, compile_first: bool | None = None) -> TuneResult:
     """Time the candidates for one shape, persist the fastest, return it.
 
     Shapes as at call time: inputs [B, T, H, dims]; `num_sequences` tunes varlen calls
@@ -266,7 +313,8 @@ def tune(op, *, B: int, T: int, H: int, dims: Mapping[str, int], dtype=torch.bfl
     or "full" (default: ATTNC_AUTOTUNE, "fast" when it is "off"). `bench(trial) -> ms`
     (default `default_bench`); a candidate whose kernels fail to compile or run out of
     resources is skipped. `progress`: a status line on stderr (default: when it is a
-    terminal). The config is stored with `KernelCache.put_config` under
+    terminal). `compile_first`: compile every candidate's kernels in parallel before timing
+    any (`precompile`; default: with the default bench, on a GPU). The config is stored with `KernelCache.put_config` under
     (op.cache_key(device), describe_device(device), shape_bucket(...)).
     """
     from ..codegen.plan import NoChunkForm
@@ -277,6 +325,7 @@ def tune(op, *, B: int, T: int, H: int, dims: Mapping[str, int], dtype=torch.bfl
             raise TuningError("tuning needs a CUDA GPU and compiled kernels (not Triton's "
                               "interpreter)")
         bench = default_bench
+        compile_first = True if compile_first is None else compile_first
     if mode is None:
         mode = settings().autotune if settings().autotune != "off" else "fast"
     _check_dims(op, dims)
@@ -301,6 +350,11 @@ def tune(op, *, B: int, T: int, H: int, dims: Mapping[str, int], dtype=torch.bfl
     with torch.inference_mode(False), torch.enable_grad():
         arguments, cu_seqlens, output_grads = _trial_data(op, B, T, H, dims, dtype, device,
                                                           num_sequences)
+        if compile_first:
+            if show:
+                print(f"\rattnc: compiling {len(pool)} candidates for {op.name}   ", end="",
+                      file=sys.stderr, flush=True)
+            precompile([Trial(op, config, arguments, cu_seqlens, output_grads) for config in pool])
         for i, config in enumerate(pool):
             if show:
                 best = f"; best {min(ms for _, ms in timings):.3f} ms" if timings else ""

@@ -207,7 +207,7 @@ def _describe(value):
 
 
 @contextlib.contextmanager
-def _launches_replaced(launch) -> Iterator[None]:
+def launches_replaced(launch) -> Iterator[None]:
     """Within: `kernel[grid](*args, **kwargs)` calls `launch(kernel, grid, args, kwargs)`
     instead of launching, and launchers decide as on a GPU."""
     from triton.runtime.jit import KernelInterface
@@ -228,7 +228,7 @@ def _launches_replaced(launch) -> Iterator[None]:
 @contextlib.contextmanager
 def _recording(trace: Trace) -> Iterator[_Recorder]:
     recorder = _Recorder(trace)
-    with _launches_replaced(recorder.launch), recorder:
+    with launches_replaced(recorder.launch), recorder:
         yield recorder
 
 
@@ -322,6 +322,6 @@ def host_times(op, *, B: int = 1, T: int = 64, H: int = 2, dims: dict[str, int] 
             times.append(time.perf_counter() - start)
         return statistics.median(times) * 1e6
 
-    with _launches_replaced(lambda kernel, grid, args, kwargs: None):
+    with launches_replaced(lambda kernel, grid, args, kwargs: None):
         return {"forward": median_us(forward), "forward+backward": median_us(forward_backward),
                 "step": median_us(step)}

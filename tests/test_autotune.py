@@ -182,6 +182,75 @@ def test_candidates_that_fail_to_compile_are_skipped():
                       progress=False)
 
 
+def test_precompile_visits_every_launch_of_every_candidate_and_runs_none():
+    """Each trial runs once with its launches handed to the compiler instead of run: the
+    same kernels, grids and arguments as the trial's real launches, nothing computed."""
+    from attnc.runtime.launches import record
+
+    op = attnc.load("gla")
+    pool = autotune.candidates(op, T=64, dims=DIMS, dtype=torch.float32, mode="fast")[:3]
+    arguments, cu, grads = autotune._trial_data(op, 1, 64, 2, DIMS, torch.float32, "cpu", None)
+    before = {n: t.detach().clone() for n, t in arguments.items()}
+    seen = []
+
+    def compile_launch(kernel, grid, args, kwargs):
+        seen.append((kernel.__name__, kwargs.get("num_warps")))
+
+    trials = [autotune.Trial(op, c, arguments, cu, grads) for c in pool]
+    assert autotune.precompile(trials, workers=2, compile_launch=compile_launch) == len(seen)
+    # a recorded training step has the same launches, one trial after another
+    expected = []
+    for config in pool:
+        trace = record(op, B=1, T=64, H=2, dims=DIMS, dtype=torch.float32, step=False,
+                       config=config)
+        expected += [(k.name, k.options.get("num_warps")) for k in trace.launches()]
+    assert seen == expected and len(seen) >= 3 * 10
+    assert {w for _, w in seen} >= {2, 4, 8}  # the candidates' own launch options
+    assert all(torch.equal(arguments[n].detach(), before[n]) for n in before)
+    assert all(t.grad is None for t in arguments.values())  # no gradient was computed
+
+
+def test_precompile_goes_on_past_a_failing_candidate():
+    op = attnc.load("retnet")
+    pool = autotune.candidates(op, T=64, dims=DIMS, dtype=torch.float32, mode="fast")[:2]
+    arguments, cu, grads = autotune._trial_data(op, 1, 64, 2, DIMS, torch.float32, "cpu", None)
+    seen = []
+
+    def compile_launch(kernel, grid, args, kwargs):
+        seen.append(kwargs.get("num_warps"))
+        if len(seen) == 1:
+            raise RuntimeError("out of resources")
+
+    trials = [autotune.Trial(op, c, arguments, cu, grads) for c in pool]
+    autotune.precompile(trials, compile_launch=compile_launch)
+    assert len(seen) > 2 and pool[1].get("num_warps", 4) in seen[1:]
+
+
+@gpu
+def test_precompiled_candidates_time_without_compiling(monkeypatch):
+    """After `precompile`, timing a candidate finds every kernel compiled: no launch
+    misses Triton's kernel cache (its jit_cache_hook runs on each miss)."""
+    from triton import knobs
+
+    op = attnc.load("gla")
+    dims = {"K": 64, "V": 64}
+    pool = autotune.candidates(op, T=256, dims=dims, dtype=torch.bfloat16, mode="fast")
+    arguments, cu, grads = autotune._trial_data(op, 2, 256, 4, dims, torch.bfloat16, "cuda", None)
+    trials = [autotune.Trial(op, c, arguments, cu, grads) for c in pool]
+    assert autotune.precompile(trials) > 0
+    misses = []
+
+    def hook(*args, **kwargs):
+        misses.append(kwargs.get("repr"))
+        return False  # compile as usual
+
+    monkeypatch.setattr(knobs.runtime, "jit_cache_hook", hook)
+    for trial in trials:
+        trial()
+    torch.cuda.synchronize()
+    assert misses == []
+
+
 # --- the op's lookup path ----------------------------------------------------------------
 
 
