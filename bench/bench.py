@@ -16,6 +16,7 @@ GPU time alone.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import subprocess
@@ -241,29 +242,53 @@ def bench_decode(spec_name, B, H, D, dtype, device, bandwidth):
     return row
 
 
-def cold_start(spec_name, device, B, T, H, D):
+def cold_start(spec_name, device, B, T, H, D, profile_to=None):
     """First call in a fresh process with an empty cache (codegen, compile, tuning) and
-    with the cache that run left (warm)."""
+    with the cache that run left (warm). torch is imported and the device initialised
+    before the clock starts (a training script has both before it calls attnc; the
+    device's start-up is reported apart, as "init s"); the clock covers `import attnc`,
+    `attnc.load` and the first call. `profile_to`: a file for the warm run's cProfile
+    (the 40 costliest functions by cumulative time), to see where a warm start goes."""
     child = (
-        "import sys, time, torch, warnings; warnings.simplefilter('ignore'); t0 = time.perf_counter()\n"
+        "import sys, time, torch, warnings, json, cProfile, pstats, io; warnings.simplefilter('ignore')\n"
+        "t_init = time.perf_counter()\n"
+        f"torch.empty(1, device={device!r}); torch.cuda.synchronize() if torch.cuda.is_available() else None\n"
+        "t0 = time.perf_counter()\n"
+        "profiler = cProfile.Profile() if sys.argv[1] == '1' else None\n"
+        "profiler and profiler.enable()\n"
         "import attnc\nfrom attnc.runtime.sampling import random_arguments\n"
+        "t1 = time.perf_counter()\n"
         f"op = attnc.load({spec_name!r})\n"
+        "t2 = time.perf_counter()\n"
         f"args = random_arguments(op.analysis, B={B}, T={T}, H={H}, dims={{'K': {D}, 'V': {D}}},"
         f" dtype=torch.{'bfloat16' if device == 'cuda' else 'float32'}, device={device!r})\n"
+        "t3 = time.perf_counter()\n"
         "op(**args)\n"
         "torch.cuda.synchronize() if torch.cuda.is_available() else None\n"
-        "print(time.perf_counter() - t0)\n")
+        "t4 = time.perf_counter()\n"
+        "if profiler:\n"
+        "    profiler.disable(); text = io.StringIO()\n"
+        "    pstats.Stats(profiler, stream=text).sort_stats('cumulative').print_stats(40)\n"
+        "    sys.stderr.write(text.getvalue())\n"
+        "print(json.dumps({'init': t0 - t_init, 'import': t1 - t0, 'load': t2 - t1,"
+        " 'call': t4 - t3, 'total': t4 - t0 - (t3 - t2)}))\n")
     times = []
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, ATTNC_CACHE_DIR=cache)
-        for _ in range(2):
-            run = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True,
-                                 text=True)
+        for warm in (False, True):
+            profile = "1" if warm and profile_to else "0"
+            run = subprocess.run([sys.executable, "-c", child, profile], env=env,
+                                 capture_output=True, text=True)
             if run.returncode != 0:
                 raise RuntimeError(f"cold-start child failed: {run.stderr.strip()[-300:]}")
-            times.append(float(run.stdout.split()[-1]))
+            times.append(json.loads(run.stdout.strip().splitlines()[-1]))
+            if profile == "1":
+                Path(profile_to).write_text(run.stderr)
+    cold, warm = times
+    parts = lambda t: f"init {t['init']:.2f} + import {t['import']:.2f} + load {t['load']:.2f} + call {t['call']:.2f}"
     return {"variant": f"{spec_name} first call (cold / warm cache), s", "T": T, "B": B, "D": D,
-            "first call s": times[0], "warm first call s": times[1]}
+            "first call s": cold["total"], "warm first call s": warm["total"],
+            "notes": f"cold: {parts(cold)}; warm: {parts(warm)}"}
 
 
 def bench_softmax_attention(B, T, H, D, dtype, device):
@@ -357,7 +382,8 @@ def main(argv=None) -> int:
                      "error": f"{type(err).__name__}: {err}"[:200]})
     if not args.no_cold_start:
         try:
-            add(cold_start("gla", device, B, T, H, D))
+            add(cold_start("gla", device, B, T, H, D,
+                           profile_to=Path(args.out) / f"{name}-warm-start-profile.txt"))
         except RuntimeError as err:
             add({"variant": "gla first call (cold / warm cache), s", "error": str(err)})
     return 0
@@ -366,7 +392,7 @@ def main(argv=None) -> int:
 COLUMNS = ["variant", "B", "T", "D", "attnc fwd ms", "attnc host ms", "attnc graphed ms", "fla fwd ms",
            "fla graphed ms", "sdpa fwd ms", "flex fwd ms",
            "attnc fwd+bwd ms", "fla fwd+bwd ms", "floor ms", "fwd / floor", "attnc peak GiB",
-           "first call s", "warm first call s", "error"]
+           "first call s", "warm first call s", "notes", "error"]
 
 
 def write_results(rows, device_name, bandwidth, out_dir, command, dtype, heads):
