@@ -399,32 +399,3 @@ def test_bf16_gate_gradient_under_gpu_rounding_keeps_up_with_the_others(gate, mo
     errors = {label: rel_rms(grad, ref) for label, grad, ref in zip("qkvg", grads, ref_grads)}
     assert max(errors.values()) < 3e-2, errors  # bf16 rounding happened, nothing broke
     assert errors["g"] <= 1.4 * max(errors["q"], errors["k"], errors["v"]), errors
-
-
-# With strong decays nearly all of q.dq and of k.dk is the same diagonal score term, which
-# cancels in the identity; taken from dq and dk (rounded bf16 dots) it left their rounding
-# as the gate gradient. A scalar gate's intra-chunk terms now come from the scores (exact
-# q k^T, diagonal left out). Measured here: dg 3.1e-3 (5.0e-3 before) against dq/dk/dv's
-# 6.7e-3 .. 7.4e-3.
-@pytest.mark.skipif(DEVICE == "cuda", reason="emulates a GPU's rounding in the interpreter")
-def test_bf16_scalar_gate_gradient_with_strong_decays_beats_the_other_gradients(monkeypatch):
-    monkeypatch.setenv("ATTNC_EMULATE_GPU_DOTS", "1")
-    case = Case("scalar", T=128, K=32, V=32, B=1, H=1, dtype=torch.bfloat16, h0=False)
-    torch.manual_seed(1)
-    q, k, v, g, gv, h0, cu = make_inputs(case)
-    inputs = (q, k, v, g * 15, gv, h0, cu)  # log decay about -3 per token
-
-    def under_test(q, k, v, g, gv, h0, cu_seqlens):
-        return chunk_diag(q, k, v, g, gv, h0, cu_seqlens, exclusive=False,
-                          output_final_state=False, backend="triton", poison=True)
-
-    def golden(q, k, v, g, gv, h0, cu_seqlens):
-        return naive_recurrence(q, k, v, g, gv, h0, cu_seqlens, False)
-
-    ref_o, _ = golden(*[None if x is None else x.double() for x in inputs[:6]], None)
-    do = torch.randn_like(ref_o)
-    _, _, ref_grads = run_and_differentiate(golden, inputs, do, None)
-    _, _, grads = run_and_differentiate(under_test, inputs, do, None)
-    errors = {label: rel_rms(grad, ref) for label, grad, ref in zip("qkvg", grads, ref_grads)}
-    assert max(errors.values()) < 3e-2, errors
-    assert errors["g"] <= 0.6 * min(errors["q"], errors["k"], errors["v"]), errors
