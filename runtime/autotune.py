@@ -269,9 +269,9 @@ def precompile(trials, *, workers: int | None = None,
     Here each trial runs once with its launches redirected: `kernel[grid](*args, **kw)`
     becomes `kernel.warmup(*args, grid=grid, **kw)`, which compiles and caches exactly the
     specialisation that launch needs without running it, and under triton.AsyncCompileMode
-    those compiles go to the thread pool (Triton de-duplicates them by cache key). Nothing
-    runs on the GPU: the host code between launches only looks at shapes, so the garbage
-    the unlaunched kernels leave is never read. A compile that fails (a candidate out of
+    those compiles go to the thread pool (Triton de-duplicates them by cache key). No
+    generated kernel runs; the PyTorch ops between launches do, on whatever the buffers
+    hold, and the host code only looks at shapes (and cu_seqlens, which are real). A compile that fails (a candidate out of
     resources) is dropped here and reported by the timing pass, which meets it again.
     `compile_launch(kernel, grid, args, kwargs)` replaces the warmup (tests)."""
     from concurrent.futures import ThreadPoolExecutor
