@@ -448,3 +448,34 @@ def test_bf16_decay_weight_gradient_under_strong_decays(gate, monkeypatch):
     others = max(rel_rms(grad, ref) for grad, ref in zip(grads[:3], ref_grads[:3]))
     assert others < 1e-2, others  # bf16 rounding happened, nothing broke
     assert rel_rms(weight, ref_weight) <= 1e-2, rel_rms(weight, ref_weight)
+
+
+# A scalar gate's gradient comes in the straddling form (each token's sum of the products
+# its decay scales: reads of the entering state, writes into the leaving one, intra-chunk
+# pairs across it), not from the log-cumsum identity, whose q.dq - k.dk is the small
+# difference of large terms when every token decays strongly. Measured here in fp32 at
+# ~e^-7 per token (inclusive / exclusive): dg 4.6e-4 / 6.4e-4 with the identity, 3.3e-5 now;
+# a weight w scaling every log gate (d/dw = sum_t dg_t g_t, per head) 5.4e-3 / 7.3e-3 with
+# the identity, 1.9e-5 / 7.0e-5 now.
+@pytest.mark.parametrize("exclusive", [False, True], ids=["incl", "excl"])
+def test_scalar_gate_gradient_when_every_token_decays_strongly(exclusive):
+    case = Case("scalar", exclusive=exclusive, T=200, K=32, V=32, B=1, H=2)
+    torch.manual_seed(0)
+    q, k, v, _, gv, h0, cu_seqlens = make_inputs(case)
+    g = -7.0 - 0.3 * torch.rand(1, case.T, 2, device=DEVICE)
+    inputs = (q, k, v, g, gv, h0, cu_seqlens)
+
+    def under_test(q, k, v, g, gv, h0, cu_seqlens):
+        return chunk_diag(q, k, v, g, gv, h0, cu_seqlens, exclusive=exclusive, output_final_state=True,
+                          backend="triton", input_precision="ieee", poison=True)
+
+    def golden(q, k, v, g, gv, h0, cu_seqlens):
+        return naive_recurrence(q, k, v, g, gv, h0, cu_seqlens, exclusive)
+
+    ref_o, ref_ht = golden(*[None if x is None else x.double() for x in inputs[:6]], None)
+    do, dht = torch.randn_like(ref_o), torch.randn_like(ref_ht)
+    _, _, ref_grads = run_and_differentiate(golden, inputs, do, dht)
+    _, _, grads = run_and_differentiate(under_test, inputs, do, dht)
+    weight, ref_weight = (grads[3].double() * g).sum(1), (ref_grads[3] * g.double()).sum(1)
+    assert rel_rms(grads[3], ref_grads[3]) <= FP32_TOLERANCE, rel_rms(grads[3], ref_grads[3])
+    assert rel_rms(weight, ref_weight) <= 5e-4, rel_rms(weight, ref_weight)
