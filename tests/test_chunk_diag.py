@@ -450,19 +450,23 @@ def test_bf16_decay_weight_gradient_under_strong_decays(gate, monkeypatch):
     assert rel_rms(weight, ref_weight) <= 1e-2, rel_rms(weight, ref_weight)
 
 
-# A scalar gate's gradient comes in the straddling form (each token's sum of the products
-# its decay scales: reads of the entering state, writes into the leaving one, intra-chunk
-# pairs across it), not from the log-cumsum identity, whose q.dq - k.dk is the small
-# difference of large terms when every token decays strongly. Measured here in fp32 at
-# ~e^-7 per token (inclusive / exclusive): dg 4.6e-4 / 6.4e-4 with the identity, 3.3e-5 now;
-# a weight w scaling every log gate (d/dw = sum_t dg_t g_t, per head) 5.4e-3 / 7.3e-3 with
-# the identity, 1.9e-5 / 7.0e-5 now.
-@pytest.mark.parametrize("exclusive", [False, True], ids=["incl", "excl"])
-def test_scalar_gate_gradient_when_every_token_decays_strongly(exclusive):
-    case = Case("scalar", exclusive=exclusive, T=200, K=32, V=32, B=1, H=2)
+# When every token decays strongly, the log-cumsum identity's q.dq - k.dk is the small
+# difference of large terms. A scalar gate's gradient now comes in the straddling form (each
+# token's sum of the products its decay scales: reads of the entering state, writes into the
+# leaving one, intra-chunk pairs across it); a per-channel gate keeps the identity but leaves
+# the diagonal pairs (decay 1) out of both sides. Measured here in fp32 at ~e^-7 per token,
+# dg and a weight w scaling every log gate (d/dw = sum_t dg_t g_t, per head), before -> now:
+#   scalar inclusive   dg 4.6e-4 -> 3.3e-5   weight 5.4e-3 -> 1.9e-5
+#   scalar exclusive   dg 6.4e-4 -> 3.3e-5   weight 7.3e-3 -> 7.0e-5
+#   channel inclusive  dg 4.7e-4 -> 7.1e-5   weight 2.2e-3 -> 4.1e-4
+# (channel exclusive, rwkv6's form, stays at dg 5.7e-4, weight 4.9e-4: README, Known limits).
+@pytest.mark.parametrize("gate, exclusive", [("scalar", False), ("scalar", True), ("channel", False)],
+                         ids=["scalar-incl", "scalar-excl", "channel-incl"])
+def test_gate_gradient_when_every_token_decays_strongly(gate, exclusive):
+    case = Case(gate, exclusive=exclusive, T=200, K=32, V=32, B=1, H=2)
     torch.manual_seed(0)
     q, k, v, _, gv, h0, cu_seqlens = make_inputs(case)
-    g = -7.0 - 0.3 * torch.rand(1, case.T, 2, device=DEVICE)
+    g = -7.0 - 0.3 * torch.rand(1, case.T, 2, *((case.K,) if gate == "channel" else ()), device=DEVICE)
     inputs = (q, k, v, g, gv, h0, cu_seqlens)
 
     def under_test(q, k, v, g, gv, h0, cu_seqlens):
@@ -476,6 +480,7 @@ def test_scalar_gate_gradient_when_every_token_decays_strongly(exclusive):
     do, dht = torch.randn_like(ref_o), torch.randn_like(ref_ht)
     _, _, ref_grads = run_and_differentiate(golden, inputs, do, dht)
     _, _, grads = run_and_differentiate(under_test, inputs, do, dht)
-    weight, ref_weight = (grads[3].double() * g).sum(1), (ref_grads[3] * g.double()).sum(1)
+    tokens = (1,) if gate == "scalar" else (1, 3)  # and channels
+    weight, ref_weight = (grads[3].double() * g).sum(tokens), (ref_grads[3] * g.double()).sum(tokens)
     assert rel_rms(grads[3], ref_grads[3]) <= FP32_TOLERANCE, rel_rms(grads[3], ref_grads[3])
-    assert rel_rms(weight, ref_weight) <= 5e-4, rel_rms(weight, ref_weight)
+    assert rel_rms(weight, ref_weight) <= 1e-3, rel_rms(weight, ref_weight)
