@@ -372,6 +372,23 @@ def test_bf16_chunk_states_as_on_a_gpu(case, gpu_operand_storage):
         assert rel_rms(grad, ref) <= tolerance, f"d{label}: rel RMS {rel_rms(grad, ref):.2e}"
 
 
+def _triton_and_reference_grads(inputs, exclusive, **options):
+    """(grads, reference grads) of q, k, v, g, gv, h0 from the Triton kernels and from the fp64
+    naive recurrence, for one random cotangent on o and one on the final state."""
+    def under_test(q, k, v, g, gv, h0, cu_seqlens):
+        return chunk_diag(q, k, v, g, gv, h0, cu_seqlens, exclusive=exclusive, output_final_state=True,
+                          backend="triton", poison=True, **options)
+
+    def golden(q, k, v, g, gv, h0, cu_seqlens):
+        return naive_recurrence(q, k, v, g, gv, h0, cu_seqlens, exclusive)
+
+    ref_o, ref_ht = golden(*[None if x is None else x.double() for x in inputs[:6]], None)
+    do, dht = torch.randn_like(ref_o), torch.randn_like(ref_ht)
+    _, _, ref_grads = run_and_differentiate(golden, inputs, do, dht)
+    _, _, grads = run_and_differentiate(under_test, inputs, do, dht)
+    return grads, ref_grads
+
+
 # With ATTNC_EMULATE_GPU_DOTS=1 the interpreter rounds bf16 dots' operands as a GPU's tensor
 # cores do. Under that rounding the K-side gate gradient used to lose accuracy with the
 # sequence (each chunk's carry summed the later tokens' nearly cancelling identity terms:
@@ -385,19 +402,7 @@ def test_bf16_gate_gradient_under_gpu_rounding_keeps_up_with_the_others(gate, mo
     monkeypatch.setenv("ATTNC_EMULATE_GPU_DOTS", "1")
     case = Case(gate, T=640, K=32, V=32, B=1, H=1, dtype=torch.bfloat16)
     torch.manual_seed(1)
-    inputs = make_inputs(case)
-
-    def under_test(q, k, v, g, gv, h0, cu_seqlens):
-        return chunk_diag(q, k, v, g, gv, h0, cu_seqlens, exclusive=False, output_final_state=True,
-                          backend="triton", poison=True)
-
-    def golden(q, k, v, g, gv, h0, cu_seqlens):
-        return naive_recurrence(q, k, v, g, gv, h0, cu_seqlens, False)
-
-    ref_o, ref_ht = golden(*[None if x is None else x.double() for x in inputs[:6]], None)
-    do, dht = torch.randn_like(ref_o), torch.randn_like(ref_ht)
-    _, _, ref_grads = run_and_differentiate(golden, inputs, do, dht)
-    _, _, grads = run_and_differentiate(under_test, inputs, do, dht)
+    grads, ref_grads = _triton_and_reference_grads(make_inputs(case), exclusive=False)
     errors = {label: rel_rms(grad, ref) for label, grad, ref in zip("qkvg", grads, ref_grads)}
     assert max(errors.values()) < 3e-2, errors  # bf16 rounding happened, nothing broke
     assert errors["g"] <= 1.4 * max(errors["q"], errors["k"], errors["v"]), errors
@@ -426,19 +431,7 @@ def test_bf16_decay_weight_gradient_under_strong_decays(gate, monkeypatch):
         g = -strength * F.softplus(torch.randn(1, case.T, 2, device=DEVICE))
     else:
         g = -torch.randn(1, case.T, 2, case.K, device=DEVICE).exp()  # rwkv6: -exp(w), w ~ N(0, 1)
-    inputs = (q, k, v, g, gv, h0, cu_seqlens)
-
-    def under_test(q, k, v, g, gv, h0, cu_seqlens):
-        return chunk_diag(q, k, v, g, gv, h0, cu_seqlens, exclusive=exclusive, output_final_state=True,
-                          backend="triton", poison=True)
-
-    def golden(q, k, v, g, gv, h0, cu_seqlens):
-        return naive_recurrence(q, k, v, g, gv, h0, cu_seqlens, exclusive)
-
-    ref_o, ref_ht = golden(*[None if x is None else x.double() for x in inputs[:6]], None)
-    do, dht = torch.randn_like(ref_o), torch.randn_like(ref_ht)
-    _, _, ref_grads = run_and_differentiate(golden, inputs, do, dht)
-    _, _, grads = run_and_differentiate(under_test, inputs, do, dht)
+    grads, ref_grads = _triton_and_reference_grads((q, k, v, g, gv, h0, cu_seqlens), exclusive)
     dg, ref_dg = grads[3].double(), ref_grads[3]
     if gate == "scalar":
         # d/dlog(strength) of the loss: per head, the sum over tokens of dg * g
@@ -467,19 +460,8 @@ def test_gate_gradient_when_every_token_decays_strongly(gate, exclusive):
     torch.manual_seed(0)
     q, k, v, _, gv, h0, cu_seqlens = make_inputs(case)
     g = -7.0 - 0.3 * torch.rand(1, case.T, 2, *((case.K,) if gate == "channel" else ()), device=DEVICE)
-    inputs = (q, k, v, g, gv, h0, cu_seqlens)
-
-    def under_test(q, k, v, g, gv, h0, cu_seqlens):
-        return chunk_diag(q, k, v, g, gv, h0, cu_seqlens, exclusive=exclusive, output_final_state=True,
-                          backend="triton", input_precision="ieee", poison=True)
-
-    def golden(q, k, v, g, gv, h0, cu_seqlens):
-        return naive_recurrence(q, k, v, g, gv, h0, cu_seqlens, exclusive)
-
-    ref_o, ref_ht = golden(*[None if x is None else x.double() for x in inputs[:6]], None)
-    do, dht = torch.randn_like(ref_o), torch.randn_like(ref_ht)
-    _, _, ref_grads = run_and_differentiate(golden, inputs, do, dht)
-    _, _, grads = run_and_differentiate(under_test, inputs, do, dht)
+    grads, ref_grads = _triton_and_reference_grads((q, k, v, g, gv, h0, cu_seqlens), exclusive,
+                                                   input_precision="ieee")
     tokens = (1,) if gate == "scalar" else (1, 3)  # and channels
     weight, ref_weight = (grads[3].double() * g).sum(tokens), (ref_grads[3] * g.double()).sum(tokens)
     assert rel_rms(grads[3], ref_grads[3]) <= FP32_TOLERANCE, rel_rms(grads[3], ref_grads[3])
