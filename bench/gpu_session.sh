@@ -3,7 +3,8 @@
 # most 10 minutes, so run the steps as separate commands):
 #   bench/gpu_session.sh tests     the GPU test suite (8 workers with pytest-xdist), and
 #                                  bench/check_fla_twins.py
-#   bench/gpu_session.sh tune      tune the standard shape for the benchmarked specs
+#   bench/gpu_session.sh tune [SHAPES]  tune the benchmarked specs (default the standard
+#                                  shape 16,2048,16,128,128), timing each
 #   bench/gpu_session.sh bench [ARGS]  the benchmark (writes <device>.md and .png); ARGS go
 #                                  to bench.py, e.g. --quick --variants gla
 #   bench/gpu_session.sh profile [SPECS]  each kernel's time, bytes and GB/s at the standard
@@ -36,9 +37,14 @@ timeout 420 python3 -m pytest tests/test_gpu.py -q $workers --durations=10 -p no
 # the fla ops bench.py times beside attnc compute the same recurrences (chunk and decode)
 timeout 110 python3 bench/check_fla_twins.py 2>&1 | tee "$out/fla_twins.log" ;;
 tune)
-for spec in mamba2 gla gated_deltanet deltanet; do
-    timeout 130 attnc cache tune "$spec" --shape 16,2048,16,128,128 --dtype bf16 \
-        2>&1 | tee -a "$out/tune.log"
+# ARGS: shapes B,T,H,K,V to tune (default the standard one); each spec's time is logged
+[ $# -gt 0 ] || set -- 16,2048,16,128,128
+for shape in "$@"; do
+    for spec in mamba2 gla gated_deltanet deltanet; do
+        start=$(date +%s.%N)
+        timeout 150 attnc cache tune "$spec" --shape "$shape" --dtype bf16 2>&1 | tee -a "$out/tune.log"
+        echo "$spec $shape: tuned in $(python3 -c "print(round($(date +%s.%N) - $start, 1))") s" | tee -a "$out/tune.log"
+    done
 done ;;
 bench)
 timeout 560 python3 bench/bench.py --out "$out" "$@" 2>&1 | tee -a "$out/bench.log" ;;

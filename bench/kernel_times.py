@@ -152,8 +152,9 @@ def main(argv=None) -> int:
     device = torch.cuda.get_device_name().replace(" ", "_")
     lines = []
     for spec in args.specs:
-        lines += measure(spec, B, T, H, D, args.config, args.calls)
-        print("\n".join(lines), flush=True)
+        section = measure(spec, B, T, H, D, args.config, args.calls)
+        print("\n".join(section), flush=True)
+        lines += section
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = "python bench/kernel_times.py " + " ".join(argv if argv is not None else sys.argv[1:])
