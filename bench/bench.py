@@ -439,17 +439,23 @@ def write_results(rows, device_name, bandwidth, out_dir, command, dtype, heads):
             cells.append("" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v))
         lines.append("| " + " | ".join(cells) + " |")
     (out / f"{device_name}.md").write_text("\n".join(lines) + "\n")
+    plot_rows(rows, out / f"{device_name}.png", f"attnc forward, {dtype}, H={heads}, {device_name}")
+
+
+def plot_rows(rows, path, title) -> bool:
+    """Forward ms against T, one line per variant at the first row's head dim (attnc solid,
+    fla dashed, softmax attention from its SDPA time); False without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except Exception:
-        return
+        return False
     fig, ax = plt.subplots(figsize=(7, 4))
+    head_dim = rows[0]["D"]
     for variant in sorted({r["variant"] for r in rows}):
         if "decode" in variant or "first call" in variant:
             continue  # T = 1 and seconds: not on this plot
-        head_dim = rows[0]["D"]
         pts = [(r["T"], r.get("attnc fwd ms") or r.get("sdpa fwd ms")) for r in rows
                if r["variant"] == variant and r.get("D") == head_dim
                and (r.get("attnc fwd ms") or r.get("sdpa fwd ms"))]
@@ -463,11 +469,12 @@ def write_results(rows, device_name, bandwidth, out_dir, command, dtype, heads):
     ax.set_xscale("log", base=2)
     ax.set_xlabel("T (B*T = 32768)")
     ax.set_ylabel("forward ms (median)")
-    ax.legend()
-    ax.set_title(f"attnc forward, {dtype}, H={heads}, {device_name}")
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(out / f"{device_name}.png", dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
+    return True
 
 
 if __name__ == "__main__":

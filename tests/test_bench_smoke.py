@@ -144,3 +144,28 @@ def test_kernel_times_refuses_bad_arguments_and_a_machine_without_a_gpu(capsys):
     if not torch.cuda.is_available():
         assert kt.main(["gla"]) == 2
         assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_plot_results_reads_and_merges_results_tables(tmp_path):
+    """bench/plot_results.py reads the rows of every results table in a file (numbers as
+    numbers, empty cells left out) and keeps the first row of a variant and shape."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from plot_results import merged, read_rows
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    text = "\n".join([
+        "# newest run", "",
+        "| variant | B | T | D | attnc fwd ms | fla fwd ms | notes |", "|---|---|---|---|---|---|---|",
+        "| gla | 16 | 2048 | 128 | 3.289 | 1.621 | x |",
+        "", "## older run", "",
+        "| variant | B | T | D | attnc fwd ms | error |", "|---|---|---|---|---|---|",
+        "| gla | 16 | 2048 | 128 | 9.999 |  |",
+        "| gla | 1 | 32768 | 128 | 4.056 |  |",
+        "", "| target | measured |", "|---|---|", "| gla fwd | 3.3 ms |"])
+    rows = read_rows(text)
+    assert rows == [
+        {"variant": "gla", "B": 16, "T": 2048, "D": 128, "attnc fwd ms": 3.289, "fla fwd ms": 1.621, "notes": "x"},
+        {"variant": "gla", "B": 16, "T": 2048, "D": 128, "attnc fwd ms": 9.999},
+        {"variant": "gla", "B": 1, "T": 32768, "D": 128, "attnc fwd ms": 4.056}]
+    assert [r["attnc fwd ms"] for r in merged(rows)] == [3.289, 4.056]
