@@ -26,6 +26,7 @@ import itertools
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -245,6 +246,8 @@ class TuneResult:
     bucket: str
     device: str                             # `describe_device`
     timings: tuple[tuple[dict, float], ...]  # (candidate, ms) for each that ran
+    compile_s: float = 0.0                  # wall time of the parallel precompile (0: none)
+    timing_s: float = 0.0                   # wall time of running and timing the candidates
 
     @property
     def best_ms(self) -> float:
@@ -350,11 +353,13 @@ def tune(op, *, B: int, T: int, H: int, dims: Mapping[str, int], dtype=torch.bfl
     with torch.inference_mode(False), torch.enable_grad():
         arguments, cu_seqlens, output_grads = _trial_data(op, B, T, H, dims, dtype, device,
                                                           num_sequences)
+        started = time.perf_counter()
         if compile_first:
             if show:
                 print(f"\rattnc: compiling {len(pool)} candidates for {op.name}   ", end="",
                       file=sys.stderr, flush=True)
             precompile([Trial(op, config, arguments, cu_seqlens, output_grads) for config in pool])
+        compiled = time.perf_counter()
         for i, config in enumerate(pool):
             if show:
                 best = f"; best {min(ms for _, ms in timings):.3f} ms" if timings else ""
@@ -371,6 +376,7 @@ def tune(op, *, B: int, T: int, H: int, dims: Mapping[str, int], dtype=torch.bfl
                 continue
             log.debug("autotune: %s %s: %.4f ms", op.name, config, ms)
             timings.append((config, ms))
+    timed = time.perf_counter()
     if show:
         print(file=sys.stderr)
     if not timings:
@@ -381,7 +387,9 @@ def tune(op, *, B: int, T: int, H: int, dims: Mapping[str, int], dtype=torch.bfl
     KernelCache().put_config(op.cache_key(device), where, bucket, best)
     log.info("autotune: %s on %s, %s: %s (%.4f ms of %d candidates)", op.name, where,
              bucket, best, min(ms for _, ms in timings), len(timings))
-    return TuneResult(config=dict(best), bucket=bucket, device=where, timings=tuple(timings))
+    return TuneResult(config=dict(best), bucket=bucket, device=where, timings=tuple(timings),
+                      compile_s=compiled - started if compile_first else 0.0,
+                      timing_s=timed - compiled)
 
 
 def _skippable_errors() -> tuple[type[BaseException], ...]:

@@ -202,6 +202,10 @@ def _tune(args) -> int:
     print(f"  {json.dumps(result.config, sort_keys=True)}")
     print(f"  {result.best_ms:.3f} ms per forward + backward{versus}; "
           f"{len(result.timings)} candidates timed")
+    compiled = f"compiling {result.compile_s:.1f} s, then " if result.compile_s else ""
+    print(f"  {compiled}running and timing {result.timing_s:.1f} s")
+    for config, ms in sorted(result.timings, key=lambda item: item[1]):
+        print(f"    {ms:8.3f} ms  {json.dumps(config, sort_keys=True)}")
     return 0
 
 

@@ -430,6 +430,25 @@ def test_cache_tune_errors_are_one_line(argv, message, capsys):
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
+def test_cache_tune_reports_every_candidate_and_where_the_time_went(monkeypatch, capsys):
+    """`attnc cache tune` prints the chosen config, the compile and timing wall times and
+    every candidate's time, fastest first (the GPU is faked: tuning itself is tested above)."""
+    timings = (({"chunk_size": 64}, 3.5), ({"chunk_size": 32}, 2.25), ({"chunk_size": 128}, 4.0))
+    result = autotune.TuneResult(config={"chunk_size": 32}, bucket="tokens=64", device="fake",
+                                 timings=timings, compile_s=12.5, timing_s=3.25)
+    monkeypatch.setattr(autotune, "tune", lambda *args, **kwargs: result)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("ATTNC_INTERPRET", "0")
+    assert main(["cache", "tune", "gla", "--shape", "2,64,2,16,16", "--dtype", "bf16"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1:4] == ['  {"chunk_size": 32}',
+                        "  2.250 ms per forward + backward; defaults 3.500 ms; 3 candidates timed",
+                        "  compiling 12.5 s, then running and timing 3.2 s"]
+    assert [line.split() for line in out[4:]] == [
+        ["2.250", "ms", '{"chunk_size":', "32}"], ["3.500", "ms", '{"chunk_size":', "64}"],
+        ["4.000", "ms", '{"chunk_size":', "128}"]]
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="checks the message on a machine without a GPU")
 def test_cache_tune_without_a_gpu(capsys):
     assert main(["cache", "tune", "gla", "--shape", "2,64,2,16,16", "--dtype", "bf16"]) == 1
