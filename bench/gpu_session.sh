@@ -9,6 +9,8 @@
 #                                  to bench.py, e.g. --quick --variants gla
 #   bench/gpu_session.sh profile [SPECS]  each kernel's time, bytes and GB/s at the standard
 #                                  shape, forward and backward (writes <device>-kernels.md)
+#   bench/gpu_session.sh compile   how much Triton's compiles gain from 16 threads (tuning
+#                                  compiles its candidates on a thread pool); no GPU work
 # Results and logs go to ${OUT:-bench/results}. The device image has torch and Triton
 # but not lark/platformdirs/filelock/fla-core/einops (fla's one dependency): fetch their
 # wheels into .whl first (see .library/device/README.md), e.g.
@@ -17,7 +19,7 @@
 set -uo pipefail
 step=${1:-tests}
 shift || true
-case "$step" in tests|tune|bench|profile) ;; *) echo "usage: bench/gpu_session.sh tests|tune|bench|profile" >&2; exit 2 ;; esac
+case "$step" in tests|tune|bench|profile|compile) ;; *) echo "usage: bench/gpu_session.sh tests|tune|bench|profile|compile" >&2; exit 2 ;; esac
 out=${OUT:-bench/results}
 mkdir -p "$out"
 if [ -d .whl ]; then
@@ -48,6 +50,10 @@ for shape in "$@"; do
 done ;;
 bench)
 timeout 560 python3 bench/bench.py --out "$out" "$@" 2>&1 | tee -a "$out/bench.log" ;;
+compile)
+for threads in 4 16; do
+    timeout 280 python3 bench/compile_threads.py gla --threads $threads 2>&1 | tee -a "$out/compile.log"
+done ;;
 profile)
 [ $# -gt 0 ] || set -- mamba2 gla deltanet gated_deltanet
 timeout 560 python3 bench/kernel_times.py "$@" --out "$out" 2>&1 | tee -a "$out/profile.log" ;;
