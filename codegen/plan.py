@@ -151,7 +151,7 @@ def _delta_calls(start: int, st: StateForm, reads) -> list[ChunkCall]:
             readout=lr.placeholder.name if lr else None, query=lr.query if lr else None,
             key=st.delta_key, value=normalize(ratio * term.y), beta=st.delta_beta,
             log_gate=st.log_gate if gate != "none" else None, gate=gate, log_gate_v=None,
-            exclusive=False, takes_initial=(i == 0), gives_final=(i == 0),
+            exclusive=False, takes_initial=True, gives_final=(i == 0),
         ))
     return calls
 
@@ -166,6 +166,8 @@ def _call(index: int, st: StateForm, j: int, term, lr: LinearReadout | None, fir
         log_gate=st.log_gate if gate != "none" else None, gate=gate,
         log_gate_v=st.log_gate_v,
         exclusive=bool(lr and lr.version == "t-1"),
-        takes_initial=first_read and j == 0,
+        # every readout of the state sees the initial state (through term 0's recurrence);
+        # the final state is summed over the terms of one readout's calls only
+        takes_initial=j == 0,
         gives_final=first_read,
     )
