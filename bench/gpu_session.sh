@@ -11,6 +11,9 @@
 #                                  shape, forward and backward (writes <device>-kernels.md)
 #   bench/gpu_session.sh compile   how much Triton's compiles gain from 16 threads (tuning
 #                                  compiles its candidates on a thread pool); no GPU work
+#   bench/gpu_session.sh forms [SPECS]  each kernel's time with the forward in one pass and
+#                                  through chunk states (fused_forward=1 / 0, no tuning;
+#                                  writes forms-1/ and forms-0/ under the results folder)
 # Results and logs go to ${OUT:-bench/results}. The device image has torch and Triton
 # but not lark/platformdirs/filelock/fla-core/einops (fla's one dependency): fetch their
 # wheels into .whl first (see .library/device/README.md), e.g.
@@ -19,7 +22,7 @@
 set -uo pipefail
 step=${1:-tests}
 shift || true
-case "$step" in tests|tune|bench|profile|compile) ;; *) echo "usage: bench/gpu_session.sh tests|tune|bench|profile|compile" >&2; exit 2 ;; esac
+case "$step" in tests|tune|bench|profile|compile|forms) ;; *) echo "usage: bench/gpu_session.sh tests|tune|bench|profile|compile|forms" >&2; exit 2 ;; esac
 out=${OUT:-bench/results}
 mkdir -p "$out"
 if [ -d .whl ]; then
@@ -57,4 +60,10 @@ done ;;
 profile)
 [ $# -gt 0 ] || set -- mamba2 gla deltanet gated_deltanet
 timeout 560 python3 bench/kernel_times.py "$@" --out "$out" 2>&1 | tee -a "$out/profile.log" ;;
+forms)
+[ $# -gt 0 ] || set -- mamba2 gla deltanet gated_deltanet
+for fused in 1 0; do
+    ATTNC_AUTOTUNE=off timeout 270 python3 bench/kernel_times.py "$@" --calls 10 --config fused_forward=$fused \
+        --out "$out/forms-$fused" 2>&1 | tee -a "$out/forms.log"
+done ;;
 esac

@@ -162,7 +162,9 @@ def emit_plan(plan: ChunkPlan, version: str) -> str:
         }
         call_fields = {**call.__dict__, "readout": call.readout and _py_name(call.readout),
                        "scale": _scale_code(call.scale),
-                       "out_dtype": "dtype" if call.direct else "None"}
+                       "out_dtype": "dtype" if call.direct else "None",
+                       "residual": call.residual and f'values["{call.residual}"]',
+                       "residual_scale": _scale_code(call.residual_scale)}
         read_op = "+=" if call.readout in seen else "="
         final_op = "+=" if call.state in seen else "="
         seen.update({call.readout, call.state} if call.gives_final else {call.readout})
@@ -189,7 +191,8 @@ def emit_plan(plan: ChunkPlan, version: str) -> str:
 
 
 def _scale_code(factor: sp.Expr) -> str:
-    """Python code of a readout factor made of params (floats in `values`) and numbers."""
+    """Python code of a readout factor made of params (floats in `values`), weights
+    ([1, 1, H, D] tensors in `values`) and numbers."""
     return torch_code(factor.xreplace({s: sp.Symbol(f'values["{s.name}"]') for s in factor.free_symbols}))
 
 

@@ -50,6 +50,10 @@ class ChunkCall:
     # itself, so no epilogue pass over it follows (`direct`).
     scale: sp.Expr = sp.Integer(1)
     direct: bool = False
+    # ... and a term `c * u` beside it (mamba2's `D * x`): u an input shaped like the output,
+    # c made of weights and params. The kernel adds it as it stores the output.
+    residual: str | None = None          # u's name
+    residual_scale: sp.Expr = sp.Integer(0)  # c
 
     def kernel_name(self, spec_name: str, n_calls: int) -> str:
         """Generated kernels are named after the spec and the state they compute."""
@@ -99,28 +103,57 @@ def plan_chunks(analysis: Analysis) -> ChunkPlan:
 
 
 def _fold_readout_factors(analysis: Analysis, calls: list[ChunkCall]):
-    """Move a constant factor of a readout (`o = scale * (q @ S)`) into the one call that
-    computes it: the kernel scales and stores `o` in the stream dtype, and the epilogue
-    hands it through instead of reading and writing it again."""
+    """Move a readout's constant factor and a residual term beside it (`o = scale * (q @ S)
+    + c * u`) into the one call that computes it: the kernel scales, adds and stores `o` in
+    the stream dtype, and the epilogue hands it through instead of reading and writing it
+    again."""
     params = {p.name for p in analysis.spec.params}
     combinators = {r.name: r.combinator for r in analysis.readouts}
     for r in analysis.readouts:
         if len(r.linear) != 1 or len(r.shape) != 1:
             continue
         placeholder = r.linear[0].placeholder
-        factor = sp.simplify(r.combinator / placeholder)
+        factor = sp.simplify(sp.diff(r.combinator, placeholder))
+        rest = sp.simplify(r.combinator - factor * placeholder)
+        residual = _residual_term(analysis, rest, r.shape) if rest != 0 else None
         writers = [i for i, c in enumerate(calls) if c.readout == placeholder.name]
         shared = any(placeholder in other.combinator.free_symbols
                      for other in analysis.readouts if other.name != r.name)
-        if (len(writers) != 1 or shared or factor == 0
+        if (len(writers) != 1 or shared or factor == 0 or (rest != 0 and residual is None)
+                or calls[writers[0]].kind != "diag" and residual is not None
                 or calls[writers[0]].log_gate_v is not None
                 or {s.name for s in factor.free_symbols} - params
                 or factor.atoms(sp.Function) or not factor.is_real):
             continue
         (i,) = writers
-        calls[i] = dataclasses.replace(calls[i], scale=factor, direct=True)
+        fold = dict(scale=factor, direct=True)
+        if residual is not None:
+            fold.update(residual=residual[0], residual_scale=residual[1])
+        calls[i] = dataclasses.replace(calls[i], **fold)
         combinators[r.name] = placeholder
     return calls, tuple(combinators.items())
+
+
+def _residual_term(analysis: Analysis, term: sp.Expr, shape) -> tuple[str, sp.Expr] | None:
+    """(u, c) when `term` is c * u for an input u shaped like the readout (`shape`) and c
+    made of params and of weights that are per head or shaped like it; else None."""
+    spec = analysis.spec
+    inputs = {i.name: i for i in spec.inputs}
+    weights = {w.name: w for w in spec.weights}
+    params = {p.name for p in spec.params}
+    streamed = [s for s in term.free_symbols if s.name in inputs]
+    if len(streamed) != 1 or tuple(inputs[streamed[0].name].shape) != tuple(shape):
+        return None
+    (u,) = streamed
+    c = sp.simplify(term / u)
+    if c.has(u) or c == 0 or sp.simplify(term - c * u) != 0:
+        return None
+    for s in c.free_symbols:
+        if s.name in params:
+            continue
+        if s.name not in weights or tuple(weights[s.name].shape) not in ((), tuple(shape)):
+            return None
+    return u.name, c
 
 
 def _gate(st: StateForm) -> str:

@@ -1,7 +1,8 @@
 """Autotuning of the chunk kernels: candidate configs, shape buckets, timing, persistence.
 
 A config is one flat dict: `chunk_size` plus overrides of the launchers' defaults, named as
-in the chunk templates' TUNABLE (num_warps, num_stages, block_k, block_v, state_block_v),
+in the chunk templates' TUNABLE (num_warps, num_stages, block_k, block_v, state_block_v;
+the diagonal family's fused_forward, fused_block_v),
 e.g. {"chunk_size": 64, "num_warps": 8}. A key left out keeps the template's default; one
 config serves every chunk call of an op (blocks wider than a call's dimension are narrowed
 by the launchers).
@@ -50,6 +51,10 @@ FAST_VARIANTS = (
     {"num_warps": 2},
     {"num_stages": 1},
     {"state_block_v": 16},  # more programs for long sequences in small batches
+    # the forward through chunk states where the one pass is the default (many sequences x
+    # heads); where it is not, this repeats the defaults (candidates are not planned for a
+    # batch) and costs one timing, not a compile: its kernels are the defaults'
+    {"fused_forward": 0},
 )
 MODES = ("fast", "full")
 
@@ -213,8 +218,13 @@ def _call_plans(op, dims: Mapping[str, int], dtype) -> list[tuple[str, Callable]
 
 
 def _tuning_values(plan) -> tuple:
+    """What a candidate resolves to in one launcher (the one-pass forward's values exist in
+    the diagonal family's only)."""
+    # (whether the forward runs in one pass by default depends on the batch, which the
+    # candidates' plans do not know: only what a config asks for tells candidates apart)
     return (plan.chunk_size, plan.num_warps, plan.num_stages, plan.block_k, plan.block_v,
-            plan.state_block_v)
+            plan.state_block_v, getattr(plan, "fused_forward_asked", None),
+            getattr(plan, "fused_block_v", None))
 
 
 # --- timing --------------------------------------------------------------------------

@@ -36,12 +36,14 @@ class ChunkDiagFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, gv, h0, cu_seqlens, spec, output_final_state, options, scale,
-                out_dtype):
+                out_dtype, residual, residual_scale):
         module = ChunkDiagFunction.module_for(spec)
         o, ht = module.forward(q, k, v, g, gv, h0, cu_seqlens, output_final_state,
-                               scale=scale, out_dtype=out_dtype, **options.as_kwargs())
+                               scale=scale, out_dtype=out_dtype, residual=residual,
+                               residual_scale=residual_scale, **options.as_kwargs())
         # o is an output anyway; the V-side gate gradient needs it
-        ctx.save_for_backward(q, k, v, g, gv, h0, cu_seqlens, o if spec.vgate else None)
+        ctx.save_for_backward(q, k, v, g, gv, h0, cu_seqlens, o if spec.vgate else None,
+                              residual, residual_scale)
         ctx.spec = spec
         ctx.scale = scale
         ctx.options = options
@@ -50,8 +52,8 @@ class ChunkDiagFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, gv, h0, cu_seqlens, o = ctx.saved_tensors
-        nothing = (None,) * 12
+        q, k, v, g, gv, h0, cu_seqlens, o, residual, residual_scale = ctx.saved_tensors
+        nothing = (None,) * 14
         if do is None and dht is None:
             return nothing
         if do is None:
@@ -63,13 +65,22 @@ class ChunkDiagFunction(torch.autograd.Function):
             None if grad is None else grad.to(like.dtype)
             for grad, like in zip(grads, (q, k, v, g, gv, h0))
         )
-        return dq, dk, dv, dg, dgv, dh0, None, None, None, None, None, None
+        d_residual = d_residual_scale = None
+        if residual is not None:
+            # o = ... + residual_scale[h, :] * residual: elementwise, so done here in torch
+            do32 = do.float()
+            if ctx.needs_input_grad[12]:
+                d_residual = (do32 * residual_scale).to(residual.dtype)
+            if ctx.needs_input_grad[13]:
+                d_residual_scale = (do32 * residual.float()).sum((0, 1))
+        return dq, dk, dv, dg, dgv, dh0, None, None, None, None, None, None, d_residual, d_residual_scale
 
 
 def chunk_diag(q, k, v, g=None, gv=None, h0=None, cu_seqlens=None, *, exclusive: bool,
                output_final_state: bool, chunk_size: int = 64, backend: str = "triton",
                input_precision: str = "tf32", poison: bool | None = None, name: str | None = None,
-               config: dict | None = None, scale: float = 1.0, out_dtype: torch.dtype | None = None):
+               config: dict | None = None, scale: float = 1.0, out_dtype: torch.dtype | None = None,
+               residual: torch.Tensor | None = None, residual_scale=None):
     """(o, ht) of S_t = diag(exp(g_t)) S_{t-1} diag(exp(gv_t)) + k_t v_t^T, o_t = q_t^T S_t
     (o_t = q_t^T S_{t-1} when `exclusive`).
 
@@ -87,13 +98,34 @@ def chunk_diag(q, k, v, g=None, gv=None, h0=None, cu_seqlens=None, *, exclusive:
     the "torch" backend ignores it.
     scale, out_dtype: o = scale * q_t^T S_t, stored in out_dtype (default fp32) by the kernel
     itself: a readout's constant factor and the output's dtype, with no pass after (not
-    with a V-side gate, whose gradient reads the unscaled output)."""
+    with a V-side gate, whose gradient reads the unscaled output).
+    residual, residual_scale: o += residual_scale * residual, added by the kernel as it stores
+    o: a readout's term beside q^T S (mamba2's D * x). residual [B, T, H, V]; residual_scale a
+    number or a tensor that broadcasts to [1, 1, H, V] (a per-head weight). Gradients flow to
+    both."""
     check_backend(backend, input_precision)
     spec = kernel_spec(q, g, gv, exclusive, name)
+    if residual is not None:
+        residual_scale = _residual_scale(residual_scale, v)
+        residual = residual.to(q.dtype)
     if backend == "torch":
         o, ht = chunk_diag_torch(q, k, v, g, gv, h0, cu_seqlens, exclusive, output_final_state, chunk_size)
-        return (o * scale).to(out_dtype or torch.float32), ht
+        o = o * scale
+        if residual is not None:
+            o = o + residual_scale * residual.float()
+        return o.to(out_dtype or torch.float32), ht
     options = LaunchOptions.for_call(q.device, chunk_size=chunk_size, input_precision=input_precision,
                                      poison=poison, config=config)
     return ChunkDiagFunction.apply(q, k, v, g, gv, h0, cu_seqlens, spec, output_final_state, options,
-                                   float(scale), out_dtype)
+                                   float(scale), out_dtype, residual, residual_scale)
+
+
+def _residual_scale(scale, v: torch.Tensor) -> torch.Tensor:
+    """A residual's scale as the fp32 [H, V] tensor the kernels read, differentiably."""
+    H, V = v.shape[2], v.shape[3]
+    scale = torch.as_tensor(scale, dtype=torch.float32, device=v.device).float()
+    try:
+        return scale.expand(1, 1, H, V).reshape(H, V).contiguous()
+    except RuntimeError:
+        raise ValueError(f"residual_scale of shape {tuple(scale.shape)} does not broadcast to "
+                         f"[1, 1, H, V] = {(1, 1, H, V)}") from None

@@ -42,11 +42,12 @@ def verify(op: CompiledOp, *, B: int = 2, T: int = 100, H: int = 2, K: int = 32,
            initial_state: bool = True, final_state: bool = True,
            seqlens: list[int] | None = None, heads: dict[str, int] | None = None,
            arguments: dict[str, torch.Tensor] | None = None, chunk_size: int = 64,
-           tolerance: float | None = None) -> Verification:
+           tolerance: float | None = None, config: dict | None = None) -> Verification:
     """Run `op` and its reference on the same fresh random data and compare.
 
     `seqlens` packs that many sequences into one row (B = 1, cu_seqlens); `heads`
-    gives some inputs fewer heads (GQA/GVA); `arguments` overrides drawn tensors.
+    gives some inputs fewer heads (GQA/GVA); `arguments` overrides drawn tensors;
+    `config` fixes the launchers' config (e.g. {"fused_forward": 1}) instead of tuning.
     """
     gen = torch.Generator().manual_seed(seed)
     dims = {"K": K, "V": V}
@@ -71,7 +72,7 @@ def verify(op: CompiledOp, *, B: int = 2, T: int = 100, H: int = 2, K: int = 32,
         return states[0] if len(states) == 1 else states
 
     out, ht = op(**args, initial_state=state_arg(h0), output_final_state=final_state,
-                 cu_seqlens=cu_seqlens, backend=backend, chunk_size=chunk_size,
+                 cu_seqlens=cu_seqlens, backend=backend, chunk_size=chunk_size, config=config,
                  precision="ieee" if dtype == torch.float32 else "tf32")
     ref_args = {n: t.detach().double().requires_grad_() for n, t in args.items()}
     ref_h0 = tuple(s.detach().double().requires_grad_() for s in h0)

@@ -318,6 +318,41 @@ BF16_OPERANDS_TOLERANCE = 1e-2
 BF16_OPERANDS_GATE_TOLERANCE = 5e-2
 
 
+# The forward comes in two forms (`fused_forward` in the launchers' config): chunk states
+# and new values through memory, then chunk_output_fwd; or one pass whose state pass writes
+# the outputs itself. Both against the recurrence and each other.
+FORWARD_CASES = [CASES[i] for i in (0, 2, 3, 6, 10, 11, 13, 14, 15, 17)]
+
+
+@pytest.mark.parametrize("case", FORWARD_CASES, ids=str)
+def test_one_pass_and_chunked_forwards_match_the_recurrence(case):
+    inputs = make_inputs(case)
+    q, k, v, beta, g, h0, cu_seqlens = inputs
+    ref_o, ref_ht = naive_recurrence(*[None if x is None else x.double() for x in inputs[:6]], cu_seqlens)
+    bf16 = case.dtype == torch.bfloat16
+    results = {}
+    for fused in (0, 1):
+        o, ht = chunk_delta(q, k, v, beta, g, h0, cu_seqlens, output_final_state=True, chunk_size=case.chunk_size,
+                            input_precision="ieee", poison=True, scale=0.5, out_dtype=case.dtype,
+                            config={"fused_forward": fused})
+        assert o.dtype == case.dtype and torch.isfinite(o).all() and torch.isfinite(ht).all()
+        tolerance = BF16_TOLERANCE if bf16 else FP32_TOLERANCE
+        err = rel_rms(o, ref_o * 0.5)
+        assert err <= tolerance, f"fused_forward={fused}: o {err:.2e}"
+        assert rel_rms(ht, ref_ht) <= tolerance, f"fused_forward={fused}: ht {rel_rms(ht, ref_ht):.2e}"
+        results[fused] = (o.double(), ht.double())
+    for chunked, one_pass in zip(results[0], results[1]):
+        assert rel_rms(one_pass, chunked) <= (2e-3 if bf16 else FP32_TOLERANCE / 10)
+
+
+def test_fused_forward_config_is_checked():
+    q, k, v, beta, g, h0, cu_seqlens = make_inputs(Case("scalar", T=20))
+    for bad in (2, -1, 0.5, "1"):
+        with pytest.raises(ValueError, match="fused_forward"):
+            chunk_delta(q, k, v, beta, g, h0, cu_seqlens, output_final_state=False,
+                        config={"fused_forward": bad})
+
+
 @pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU every run stores bf16 operands")
 @pytest.mark.parametrize("case", [Case("scalar", T=100, K=32, V=16, dtype=torch.bfloat16),
                                   Case("channel", T=64, K=16, V=32, dtype=torch.bfloat16)], ids=str)
@@ -330,8 +365,10 @@ def test_bf16_operands_as_on_a_gpu(case, gpu_operand_storage):
     ref_o, ref_ht, ref_grads = run_and_differentiate(naive_recurrence, inputs, do, dht)
 
     def under_test(q, k, v, beta, g, h0, cu_seqlens):
+        # the forward that stores chunk states (the one-pass forward keeps them in registers)
         return chunk_delta(q, k, v, beta, g, h0, cu_seqlens, output_final_state=True,
-                           chunk_size=case.chunk_size, backend="triton", input_precision="ieee", poison=True)
+                           chunk_size=case.chunk_size, backend="triton", input_precision="ieee", poison=True,
+                           config={"fused_forward": 0})
 
     fp32_operands = run_and_differentiate(under_test, inputs, do, dht)
     stored = []

@@ -197,6 +197,69 @@ def test_matches_naive_recurrence(case: Case, backend: str):
         assert err <= tolerance, f"d{label}: rel RMS {err:.2e} > {tolerance}"
 
 
+# The forward comes in two forms (`fused_forward` in the launchers' config): chunk states
+# through memory (chunk_state_fwd, then chunk_output_fwd), or one pass holding the state in
+# registers (chunk_fused_fwd). Each structure, varlen, strong gates and K not a power of two,
+# in both: outputs and final states against the recurrence, the two forms against each other.
+FORWARD_CASES = [CASES[i] for i in (0, 1, 3, 5, 7, 8, 11, 13, 14, 16, 18, 20, 22, 23, 24, 25)]
+
+
+@pytest.mark.parametrize("case", FORWARD_CASES, ids=str)
+def test_one_pass_and_chunked_forwards_match_the_recurrence(case):
+    inputs = make_inputs(case)
+    q, k, v, g, gv, h0, cu_seqlens = inputs
+    ref_o, ref_ht = naive_recurrence(*[None if x is None else x.double() for x in inputs[:6]], cu_seqlens,
+                                     case.exclusive)
+    scale = 1.0 if case.vgate else 0.5  # (a V-side gate takes no scale)
+    bf16 = case.dtype == torch.bfloat16
+    results = {}
+    for fused in (0, 1):
+        o, ht = chunk_diag(q, k, v, g, gv, h0, cu_seqlens, exclusive=case.exclusive, output_final_state=True,
+                           chunk_size=case.chunk_size, input_precision="ieee", poison=True, scale=scale,
+                           out_dtype=case.dtype, config={"fused_forward": fused})
+        assert o.dtype == case.dtype and torch.isfinite(o).all() and torch.isfinite(ht).all()
+        tolerance = BF16_TOLERANCE if bf16 else FP32_TOLERANCE
+        err = rel_rms(o, ref_o * scale)
+        assert err <= tolerance, f"fused_forward={fused}: o {err:.2e}"
+        assert rel_rms(ht, ref_ht) <= tolerance, f"fused_forward={fused}: ht {rel_rms(ht, ref_ht):.2e}"
+        results[fused] = (o.double(), ht.double())
+    # the same sums in another order (o rounded to bf16 once more where it is stored in bf16)
+    for chunked, one_pass in zip(results[0], results[1]):
+        assert rel_rms(one_pass, chunked) <= (2e-3 if bf16 else FP32_TOLERANCE / 10)
+
+
+def test_one_pass_forward_default_fills_the_gpu_and_fits_shared_memory():
+    """On a GPU the one-pass forward is the default where programs (sequences x heads x V
+    blocks) fill an H100's 132 SMs twice and K <= 128; its pipeline keeps to the stages that
+    fit in shared memory (227 KiB on sm_90)."""
+    from attnc.runtime.chunk_diag_op import ChunkDiagFunction
+
+    def plan(gate, K=128, V=128, H=16, chunk_size=64, **config):
+        q = torch.empty(1, 1, H, K, dtype=torch.bfloat16, device="meta")
+        v = torch.empty(1, 1, H, V, dtype=torch.bfloat16, device="meta")
+        module = ChunkDiagFunction.module_for(DiagKernelSpec("plan_" + gate, gate))
+        return module._Plan(q, v, None, chunk_size, False, "tf32", False, config or None)
+
+    scalar = plan("scalar")
+    assert scalar.one_pass_by_default(sequences=16, multiprocessors=132)       # 1024 programs
+    assert not scalar.one_pass_by_default(sequences=1, multiprocessors=132)    # T = 32768, B = 1
+    assert not plan("scalar", K=256).one_pass_by_default(sequences=64, multiprocessors=132)
+    sm90 = 232448
+    assert scalar.one_pass_stages_fitting(2, sm90) >= 3            # 36 KiB a stage
+    assert plan("channel").one_pass_stages_fitting(2, sm90) == 2    # 84 KiB a stage
+    assert plan("channel").one_pass_stages_fitting(2, 101376) == 0  # sm_89: chunk states instead
+    assert scalar.fused_forward_asked is None and plan("scalar", fused_forward=0).fused_forward_asked == 0
+
+
+def test_fused_forward_config_is_checked():
+    case = Case("scalar", T=20)
+    q, k, v, g, gv, h0, cu_seqlens = make_inputs(case)
+    for bad in (2, -1, 0.5, "1"):
+        with pytest.raises(ValueError, match="fused_forward"):
+            chunk_diag(q, k, v, g, gv, h0, cu_seqlens, exclusive=False, output_final_state=False,
+                       config={"fused_forward": bad})
+
+
 @pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU bf16 inputs take bf16 dots: no fp32 run gives the same values")
 @pytest.mark.parametrize("case", [Case("channel", vgate=True, exclusive=True, T=33, K=16, V=16, dtype=torch.bfloat16),
                                   Case("scalar", T=33, K=16, V=16, dtype=torch.bfloat16),
@@ -308,6 +371,59 @@ def test_scale_and_output_dtype_are_applied_by_the_kernel(backend):
             assert rel_rms(grad, ref) <= FP32_TOLERANCE, label
 
 
+@pytest.mark.parametrize("backend, fused", [("triton", 0), ("triton", 1), ("torch", None)])
+def test_residual_term_is_added_by_the_kernel(backend, fused):
+    """o = scale * q^T S + c * u with c per head (mamba2's D * x), stored in bf16 as the
+    kernel adds it: values and the gradients of every input, u and c included."""
+    torch.manual_seed(5)
+    case = Case("scalar", T=70, K=32, V=16, H=2)
+    inputs = make_inputs(case)
+    u = torch.randn(case.B, case.T, case.H, case.V)
+    c = torch.randn(1, 1, case.H, 1)
+    scale = 0.7
+    do = torch.randn(case.B, case.T, case.H, case.V).to(torch.bfloat16).double()
+    dht = torch.randn(case.B, case.H, case.K, case.V, dtype=torch.float64)
+    config = None if fused is None else {"fused_forward": fused}
+
+    def grads_of(run, dtype):
+        q, k, v, g, _, h0, _ = [None if x is None else x.to(dtype).detach().requires_grad_()
+                                for x in inputs]
+        u_, c_ = u.to(dtype).requires_grad_(), c.to(dtype).requires_grad_()
+        o, ht = run(q, k, v, g, h0, u_, c_)
+        leaves = (q, k, v, g, h0, u_, c_)
+        loss = (o.double() * do).sum() + (ht.double() * dht).sum()
+        return o, ht, torch.autograd.grad(loss, leaves)
+
+    def kernels(q, k, v, g, h0, u, c):
+        return chunk_diag(q, k, v, g, None, h0, None, exclusive=False, output_final_state=True,
+                          backend=backend, input_precision="ieee", poison=True, scale=scale,
+                          out_dtype=torch.bfloat16, residual=u, residual_scale=c, config=config)
+
+    def reference(q, k, v, g, h0, u, c):
+        o, ht = naive_recurrence(q, k, v, g, None, h0, None, False)
+        return o * scale + c * u, ht
+
+    o, ht, grads = grads_of(kernels, torch.float32)
+    ref_o, ref_ht, ref_grads = grads_of(reference, torch.float64)
+    assert o.dtype == torch.bfloat16
+    assert rel_rms(o.float(), ref_o) <= BF16_TOLERANCE / 4   # one bf16 rounding
+    assert rel_rms(ht, ref_ht) <= FP32_TOLERANCE
+    for label, grad, ref in zip(("q", "k", "v", "g", "h0", "u", "c"), grads, ref_grads):
+        assert grad.shape == ref.shape, label
+        assert rel_rms(grad, ref) <= FP32_TOLERANCE, f"d{label}: {rel_rms(grad, ref):.2e}"
+
+
+def test_residual_shapes_are_checked():
+    case = Case("scalar", T=20, K=16, V=32)
+    q, k, v, g, gv, h0, cu_seqlens = make_inputs(case)
+    with pytest.raises(ValueError, match=r"residual_scale of shape \(3,\) does not broadcast"):
+        chunk_diag(q, k, v, g, gv, h0, cu_seqlens, exclusive=False, output_final_state=False,
+                   residual=v, residual_scale=torch.ones(3))
+    with pytest.raises(ValueError, match="residual"):
+        chunk_diag(q, k, v, g, gv, h0, cu_seqlens, exclusive=False, output_final_state=False,
+                   residual=q, residual_scale=1.0)
+
+
 def test_scale_with_a_v_side_gate_is_refused():
     case = Case("scalar", T=20, K=16, V=16, vgate=True)
     q, k, v, g, gv, h0, cu = make_inputs(case)
@@ -337,8 +453,10 @@ def test_bf16_chunk_states_as_on_a_gpu(case, gpu_operand_storage):
     module = ChunkDiagFunction.module_for(kernel_spec(inputs[0], inputs[3], inputs[4], case.exclusive))
 
     def under_test(q, k, v, g, gv, h0, cu_seqlens):
+        # the forward that stores chunk states (the one-pass forward keeps them in registers)
         return chunk_diag(q, k, v, g, gv, h0, cu_seqlens, exclusive=case.exclusive, output_final_state=True,
-                          chunk_size=case.chunk_size, backend="triton", input_precision="ieee", poison=True)
+                          chunk_size=case.chunk_size, backend="triton", input_precision="ieee", poison=True,
+                          config={"fused_forward": 0})
 
     def golden(q, k, v, g, gv, h0, cu_seqlens):
         return naive_recurrence(q, k, v, g, gv, h0, cu_seqlens, case.exclusive)

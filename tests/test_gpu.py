@@ -40,6 +40,16 @@ def test_varlen_and_gqa(name):
 DELTA_SPECS = ["deltanet", "gated_deltanet", "kda"]
 
 
+# At these sizes the launchers pick the forward through chunk states (too few sequences x
+# heads to fill the GPU in one pass): each form forced, on every structure, with varlen
+@pytest.mark.parametrize("fused", [0, 1])
+@pytest.mark.parametrize("name", DIAGONAL_SPECS + DELTA_SPECS)
+def test_both_forward_forms(name, fused):
+    result = verify(attnc.load(name), H=4, K=128, V=128, seqlens=[700, 3, 1300], device="cuda",
+                    dtype=torch.bfloat16, config={"fused_forward": fused})
+    assert result.ok, result.errors
+
+
 @pytest.mark.parametrize("name", DELTA_SPECS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_delta_family_realistic(name, dtype):

@@ -189,3 +189,49 @@ def test_varlen_calls_read_cu_seqlens_once_per_tensor(name, monkeypatch):
     cu[1] = 50   # and checks them
     with pytest.raises(ValueError, match="cu_seqlens"):
         op(**args, cu_seqlens=cu, backend="triton")
+
+
+RESIDUALS = """
+attention residuals
+  dims    K, V
+  inputs  q[K], k[K], v[V], u[V], z[K]
+  weight  w[V], d
+  param   p = 0.5
+  state   S[K, V]
+  update  S = S + outer(k, v)
+  readout o = q @ S + (w * d * p) * u
+  readout r = k @ S * 2 + sum(q * z) * v
+end
+"""
+
+
+def test_a_readout_term_c_times_u_folds_into_the_kernel():
+    """`o = q @ S + c * u`, c of weights and params: the chunk call adds it as it stores o and
+    the epilogue only hands o through. A term whose factor varies per token (r's sum(q * z))
+    stays in the epilogue, and r's own factor 2 with it. Both outputs verified."""
+    from attnc.codegen.plan import plan_chunks
+
+    op = attnc.compile(RESIDUALS)
+    calls = {c.readout: c for c in plan_chunks(op.analysis).calls}
+    folded = [c for c in calls.values() if c.residual]
+    assert [(c.residual, str(c.residual_scale)) for c in folded] == [("u", "d*p*w")], calls
+    combinators = dict(plan_chunks(op.analysis).combinators)
+    assert str(combinators["o"]) == folded[0].readout
+    assert not calls["_read1"].direct and calls["_read1"].residual is None
+    assert str(combinators["r"]) == "2*_read1 + v*vsum(q*z)"
+    for backend in ("torch", "triton"):
+        result = verify(op, backend=backend, T=40, K=16, V=32, H=2)
+        assert result.ok, (backend, result.errors)
+
+
+def test_mamba2_adds_d_times_x_in_the_chunk_kernel():
+    from attnc.codegen.plan import plan_chunks
+
+    op = attnc.load("mamba2")
+    (call,) = plan_chunks(op.analysis).calls
+    assert (call.residual, str(call.residual_scale), call.direct) == ("x", "D", True)
+    assert "residual=values[\"x\"]" in op.plan_source()
+    for fused in (0, 1):  # both forward forms add it
+        result = verify(op, backend="triton", T=70, K=32, V=32, dtype=torch.bfloat16,
+                        config={"fused_forward": fused})
+        assert result.ok, (fused, result.errors)
