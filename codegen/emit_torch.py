@@ -137,6 +137,16 @@ def emit_elementwise(plan: ChunkPlan) -> dict[str, str]:
                                                    parts.dims, outputs)}
 
 
+def _residual_code(call) -> str | None:
+    """The code of a residual term's input u: "value" where u is the call's value operand
+    itself (mamba2's x), which the plan binds to that name and passes twice; else the input."""
+    if call.residual is None:
+        return None
+    if isinstance(call.value, sp.Symbol) and call.value.name == call.residual:
+        return "value"
+    return f'values["{call.residual}"]'
+
+
 def emit_plan(plan: ChunkPlan, version: str) -> str:
     analysis = plan.analysis
     spec = analysis.spec
@@ -163,7 +173,7 @@ def emit_plan(plan: ChunkPlan, version: str) -> str:
         call_fields = {**call.__dict__, "readout": call.readout and _py_name(call.readout),
                        "scale": _scale_code(call.scale),
                        "out_dtype": "dtype" if call.direct else "None",
-                       "residual": call.residual and f'values["{call.residual}"]',
+                       "residual": _residual_code(call),
                        "residual_scale": _scale_code(call.residual_scale)}
         read_op = "+=" if call.readout in seen else "="
         final_op = "+=" if call.state in seen else "="

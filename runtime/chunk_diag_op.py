@@ -43,8 +43,10 @@ class ChunkDiagFunction(torch.autograd.Function):
                                residual_scale=residual_scale, **options.as_kwargs())
         # o is an output anyway; the V-side gate gradient needs it
         ctx.save_for_backward(q, k, v, g, gv, h0, cu_seqlens, o if spec.vgate else None,
-                              residual, residual_scale)
+                              None if residual is v else residual, residual_scale)
         ctx.spec = spec
+        # the residual term's input is the value operand itself (saved once, as v)
+        ctx.residual_is_v = residual is v
         ctx.scale = scale
         ctx.options = options
         ctx.set_materialize_grads(False)
@@ -59,20 +61,17 @@ class ChunkDiagFunction(torch.autograd.Function):
         if do is None:
             do = torch.zeros(*v.shape, dtype=torch.float32, device=v.device)
         module = ChunkDiagFunction.module_for(ctx.spec)
+        # o = ... + residual_scale * residual: the dv kernel computes both gradients as it
+        # reads do, and adds residual's to dv where the residual is v (mamba2's D * x)
+        if ctx.residual_is_v:
+            residual = v
         grads = module.backward(q, k, v, g, gv, h0, cu_seqlens, do, dht, o=o, scale=ctx.scale,
+                                residual=residual, residual_scale=residual_scale,
                                 **ctx.options.as_kwargs())
-        dq, dk, dv, dg, dgv, dh0 = (
+        dq, dk, dv, dg, dgv, dh0, d_residual, d_residual_scale = (
             None if grad is None else grad.to(like.dtype)
-            for grad, like in zip(grads, (q, k, v, g, gv, h0))
+            for grad, like in zip(grads, (q, k, v, g, gv, h0, residual, residual_scale))
         )
-        d_residual = d_residual_scale = None
-        if residual is not None:
-            # o = ... + residual_scale[h, :] * residual: elementwise, so done here in torch
-            do32 = do.float()
-            if ctx.needs_input_grad[12]:
-                d_residual = (do32 * residual_scale).to(residual.dtype)
-            if ctx.needs_input_grad[13]:
-                d_residual_scale = (do32 * residual.float()).sum((0, 1))
         return dq, dk, dv, dg, dgv, dh0, None, None, None, None, None, None, d_residual, d_residual_scale
 
 

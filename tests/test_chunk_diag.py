@@ -371,36 +371,42 @@ def test_scale_and_output_dtype_are_applied_by_the_kernel(backend):
             assert rel_rms(grad, ref) <= FP32_TOLERANCE, label
 
 
-@pytest.mark.parametrize("backend, fused", [("triton", 0), ("triton", 1), ("torch", None)])
-def test_residual_term_is_added_by_the_kernel(backend, fused):
+@pytest.mark.parametrize("backend, fused, u_is_v, seqlens", [
+    ("triton", 0, False, None), ("triton", 1, False, None), ("torch", None, False, None),
+    ("triton", None, True, None), ("triton", None, False, (23, 47)), ("triton", None, True, (23, 47))])
+def test_residual_term_is_added_by_the_kernel(backend, fused, u_is_v, seqlens):
     """o = scale * q^T S + c * u with c per head (mamba2's D * x), stored in bf16 as the
-    kernel adds it: values and the gradients of every input, u and c included."""
+    kernel adds it: values and the gradients of every input, u and c included. The dv
+    kernel computes u's and c's gradients (c's as per-chunk sums); where u is v itself
+    (mamba2: the value operand is x), it adds u's gradient into dv."""
     torch.manual_seed(5)
-    case = Case("scalar", T=70, K=32, V=16, H=2)
+    case = Case("scalar", T=70, K=32, V=16, H=2, B=1 if seqlens else 2, seqlens=seqlens)
     inputs = make_inputs(case)
-    u = torch.randn(case.B, case.T, case.H, case.V)
+    u = torch.randn(*inputs[2].shape)
     c = torch.randn(1, 1, case.H, 1)
     scale = 0.7
-    do = torch.randn(case.B, case.T, case.H, case.V).to(torch.bfloat16).double()
-    dht = torch.randn(case.B, case.H, case.K, case.V, dtype=torch.float64)
+    do = torch.randn(*inputs[2].shape).to(torch.bfloat16).double()
+    N = len(seqlens) if seqlens else case.B
+    dht = torch.randn(N, case.H, case.K, case.V, dtype=torch.float64)
+    cu_seqlens = inputs[6]
     config = None if fused is None else {"fused_forward": fused}
 
     def grads_of(run, dtype):
-        q, k, v, g, _, h0, _ = [None if x is None else x.to(dtype).detach().requires_grad_()
-                                for x in inputs]
-        u_, c_ = u.to(dtype).requires_grad_(), c.to(dtype).requires_grad_()
+        q, k, v, g, _, h0 = [None if x is None else x.to(dtype).detach().requires_grad_()
+                             for x in inputs[:6]]
+        u_, c_ = (v if u_is_v else u.to(dtype).requires_grad_()), c.to(dtype).requires_grad_()
         o, ht = run(q, k, v, g, h0, u_, c_)
-        leaves = (q, k, v, g, h0, u_, c_)
+        leaves = (q, k, v, g, h0) + ((c_,) if u_is_v else (u_, c_))
         loss = (o.double() * do).sum() + (ht.double() * dht).sum()
         return o, ht, torch.autograd.grad(loss, leaves)
 
     def kernels(q, k, v, g, h0, u, c):
-        return chunk_diag(q, k, v, g, None, h0, None, exclusive=False, output_final_state=True,
+        return chunk_diag(q, k, v, g, None, h0, cu_seqlens, exclusive=False, output_final_state=True,
                           backend=backend, input_precision="ieee", poison=True, scale=scale,
                           out_dtype=torch.bfloat16, residual=u, residual_scale=c, config=config)
 
     def reference(q, k, v, g, h0, u, c):
-        o, ht = naive_recurrence(q, k, v, g, None, h0, None, False)
+        o, ht = naive_recurrence(q, k, v, g, None, h0, cu_seqlens, False)
         return o * scale + c * u, ht
 
     o, ht, grads = grads_of(kernels, torch.float32)
@@ -408,7 +414,8 @@ def test_residual_term_is_added_by_the_kernel(backend, fused):
     assert o.dtype == torch.bfloat16
     assert rel_rms(o.float(), ref_o) <= BF16_TOLERANCE / 4   # one bf16 rounding
     assert rel_rms(ht, ref_ht) <= FP32_TOLERANCE
-    for label, grad, ref in zip(("q", "k", "v", "g", "h0", "u", "c"), grads, ref_grads):
+    labels = ("q", "k", "v", "g", "h0") + (("c",) if u_is_v else ("u", "c"))
+    for label, grad, ref in zip(labels, grads, ref_grads):
         assert grad.shape == ref.shape, label
         assert rel_rms(grad, ref) <= FP32_TOLERANCE, f"d{label}: {rel_rms(grad, ref):.2e}"
 
