@@ -324,6 +324,24 @@ BF16_OPERANDS_GATE_TOLERANCE = 5e-2
 FORWARD_CASES = [CASES[i] for i in (0, 2, 3, 6, 10, 11, 13, 14, 15, 17)]
 
 
+def test_state_passes_spread_few_sequences_over_the_gpu():
+    """The sequential passes hold all K rows and split V: with few sequences the V block
+    narrows (to 16 at the least) until sequences x heads x V blocks fill an H100's 132 SMs
+    twice; a config's state_block_v stands, and the interpreter keeps the default."""
+    module = ChunkDeltaFunction.module_for(DeltaKernelSpec("delta", "scalar"))
+
+    def plan(B, interpret=False, **config):
+        q = torch.empty(B, 1, 16, 128, dtype=torch.bfloat16, device="meta")
+        return module._Plan(q, q, None, 64, interpret, "tf32", False, config or None)
+
+    assert plan(16).state_block_v == 32     # 256 x 4 = 1024 programs
+    assert plan(1).state_block_v == 16      # 16 x 8 = 128: as many as 16-wide blocks give
+    assert plan(4).state_block_v == 16      # 64 x 8 = 512 (64 x 4 = 256 < 264)
+    assert plan(8).state_block_v == 32
+    assert plan(1, state_block_v=32).state_block_v == 32
+    assert plan(1, interpret=True).state_block_v == 32
+
+
 @pytest.mark.parametrize("case", FORWARD_CASES, ids=str)
 def test_one_pass_and_chunked_forwards_match_the_recurrence(case):
     inputs = make_inputs(case)

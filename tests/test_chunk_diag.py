@@ -251,6 +251,26 @@ def test_one_pass_forward_default_fills_the_gpu_and_fits_shared_memory():
     assert scalar.fused_forward_asked is None and plan("scalar", fused_forward=0).fused_forward_asked == 0
 
 
+def test_state_passes_spread_few_sequences_over_the_gpu():
+    """With few sequences the state passes' V block narrows (to 16 at the least) until their
+    programs (sequences x heads x K blocks x V blocks) fill an H100's 132 SMs twice; a
+    config's state_block_v stands, and the interpreter keeps the default."""
+    from attnc.runtime.chunk_diag_op import ChunkDiagFunction
+
+    module = ChunkDiagFunction.module_for(DiagKernelSpec("plan_scalar", "scalar"))
+
+    def plan(B, interpret=False, **config):
+        q = torch.empty(B, 1, 16, 128, dtype=torch.bfloat16, device="meta")
+        return module._Plan(q, q, None, 64, interpret, "tf32", False, config or None)
+
+    assert plan(16).state_block_v == 64      # 16 x 16 x 2 x 2 = 1024 programs
+    assert plan(1).state_block_v == 16       # 16 x 2 x 8 = 256 programs (64 with 64-wide blocks)
+    assert plan(4).state_block_v == 32       # 64 x 2 x 4 = 512 (256 with 64-wide blocks < 264)
+    assert plan(8).state_block_v == 64       # 128 x 2 x 2 = 512
+    assert plan(1, state_block_v=64).state_block_v == 64
+    assert plan(1, interpret=True).state_block_v == 64
+
+
 def test_fused_forward_config_is_checked():
     case = Case("scalar", T=20)
     q, k, v, g, gv, h0, cu_seqlens = make_inputs(case)
