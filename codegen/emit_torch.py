@@ -104,7 +104,7 @@ def elementwise_parts(plan: ChunkPlan) -> ElementwiseParts:
         per_state_count[call.state] = n + 1
         prefix = call.state if n == 0 else f"{call.state}{n}"
         names = {}
-        for role in ("query", "key", "value", "beta", "log_gate", "log_gate_v"):
+        for role in ("query", "key", "value", "beta", "log_gate", "log_gate_v", "key_scale"):
             expr = getattr(call, role)
             names[role] = None if expr is None else f"{prefix}_{role}"
             if expr is not None:
@@ -167,6 +167,7 @@ def emit_plan(plan: ChunkPlan, version: str) -> str:
             "log_gate": _gate_arg(names["log_gate"], call.gate),
             "log_gate_v": _gate_arg(names["log_gate_v"], "channel"),
             "beta": _gate_arg(names["beta"], "scalar"),
+            "key_scale": _gate_arg(names["key_scale"], "scalar"),
             "initial_state": (f"initial_states[{state_index[call.state]}]"
                               if call.takes_initial else "None"),
         }

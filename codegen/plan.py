@@ -54,6 +54,11 @@ class ChunkCall:
     # c made of weights and params. The kernel adds it as it stores the output.
     residual: str | None = None          # u's name
     residual_scale: sp.Expr = sp.Integer(0)  # c
+    # diag: a key `u * s`, u an input and s a per-token scalar made of scalar inputs, weights
+    # and params (mamba2's B * delta): `key` is u and the kernels multiply by s as they load
+    # it, so no pass writes the product. None where the key has no such factor, and with
+    # per-channel gates (whose kernels do not take one).
+    key_scale: sp.Expr | None = None
 
     def kernel_name(self, spec_name: str, n_calls: int) -> str:
         """Generated kernels are named after the spec and the state they compute."""
@@ -97,7 +102,7 @@ def plan_chunks(analysis: Analysis) -> ChunkPlan:
             continue
         for j, term in enumerate(terms):
             for i, lr in enumerate(reads):
-                calls.append(_call(len(calls), st, j, term, lr, first_read=(i == 0)))
+                calls.append(_call(len(calls), analysis, st, j, term, lr, first_read=(i == 0)))
     calls, combinators = _fold_readout_factors(analysis, calls)
     return ChunkPlan(analysis, tuple(calls), combinators)
 
@@ -189,13 +194,35 @@ def _delta_calls(start: int, st: StateForm, reads) -> list[ChunkCall]:
     return calls
 
 
-def _call(index: int, st: StateForm, j: int, term, lr: LinearReadout | None, first_read: bool):
+def _key_factor(analysis: Analysis, key: sp.Expr) -> tuple[sp.Expr, sp.Expr] | None:
+    """(u, s) when `key` is u * s for a vector input u and s a per-token scalar: made of
+    scalar inputs (at least one), weights and params; else None."""
+    spec = analysis.spec
+    vectors = {i.name for i in spec.inputs if i.shape}
+    scalar_inputs = {i.name for i in spec.inputs if not i.shape}
+    scalars = scalar_inputs | {w.name for w in spec.weights if not w.shape} | {p.name for p in spec.params}
+    streamed = [x for x in key.free_symbols if x.name in vectors]
+    if len(streamed) != 1:
+        return None
+    (u,) = streamed
+    factor = sp.simplify(key / u)
+    names = {x.name for x in factor.free_symbols}
+    if factor.has(u) or not names <= scalars or not names & scalar_inputs or sp.simplify(key - factor * u) != 0:
+        return None
+    return u, factor
+
+
+def _call(index: int, analysis: Analysis, st: StateForm, j: int, term, lr: LinearReadout | None,
+          first_read: bool):
     gate = _gate(st)
+    factored = (_key_factor(analysis, term.x)
+                if gate != "channel" and (st.log_gate_v is None or st.log_gate_v == 0) else None)
+    key, key_scale = factored if factored else (term.x, None)
     return ChunkCall(
         index=index, kind="diag", state=st.name, term=j,
         readout=lr.placeholder.name if lr else None,
         query=lr.query if lr else None,
-        key=term.x, value=term.y,
+        key=key, value=term.y, key_scale=key_scale,
         log_gate=st.log_gate if gate != "none" else None, gate=gate,
         log_gate_v=st.log_gate_v,
         exclusive=bool(lr and lr.version == "t-1"),

@@ -36,14 +36,14 @@ class ChunkDiagFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, gv, h0, cu_seqlens, spec, output_final_state, options, scale,
-                out_dtype, residual, residual_scale):
+                out_dtype, residual, residual_scale, key_scale):
         module = ChunkDiagFunction.module_for(spec)
         o, ht = module.forward(q, k, v, g, gv, h0, cu_seqlens, output_final_state,
                                scale=scale, out_dtype=out_dtype, residual=residual,
-                               residual_scale=residual_scale, **options.as_kwargs())
+                               residual_scale=residual_scale, key_scale=key_scale, **options.as_kwargs())
         # o is an output anyway; the V-side gate gradient needs it
         ctx.save_for_backward(q, k, v, g, gv, h0, cu_seqlens, o if spec.vgate else None,
-                              None if residual is v else residual, residual_scale)
+                              None if residual is v else residual, residual_scale, key_scale)
         ctx.spec = spec
         # the residual term's input is the value operand itself (saved once, as v)
         ctx.residual_is_v = residual is v
@@ -54,8 +54,8 @@ class ChunkDiagFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, gv, h0, cu_seqlens, o, residual, residual_scale = ctx.saved_tensors
-        nothing = (None,) * 14
+        q, k, v, g, gv, h0, cu_seqlens, o, residual, residual_scale, key_scale = ctx.saved_tensors
+        nothing = (None,) * 15
         if do is None and dht is None:
             return nothing
         if do is None:
@@ -66,20 +66,22 @@ class ChunkDiagFunction(torch.autograd.Function):
         if ctx.residual_is_v:
             residual = v
         grads = module.backward(q, k, v, g, gv, h0, cu_seqlens, do, dht, o=o, scale=ctx.scale,
-                                residual=residual, residual_scale=residual_scale,
+                                residual=residual, residual_scale=residual_scale, key_scale=key_scale,
                                 **ctx.options.as_kwargs())
-        dq, dk, dv, dg, dgv, dh0, d_residual, d_residual_scale = (
+        dq, dk, dv, dg, dgv, dh0, d_residual, d_residual_scale, d_key_scale = (
             None if grad is None else grad.to(like.dtype)
-            for grad, like in zip(grads, (q, k, v, g, gv, h0, residual, residual_scale))
+            for grad, like in zip(grads, (q, k, v, g, gv, h0, residual, residual_scale, key_scale))
         )
-        return dq, dk, dv, dg, dgv, dh0, None, None, None, None, None, None, d_residual, d_residual_scale
+        return (dq, dk, dv, dg, dgv, dh0, None, None, None, None, None, None, d_residual, d_residual_scale,
+                d_key_scale)
 
 
 def chunk_diag(q, k, v, g=None, gv=None, h0=None, cu_seqlens=None, *, exclusive: bool,
                output_final_state: bool, chunk_size: int = 64, backend: str = "triton",
                input_precision: str = "tf32", poison: bool | None = None, name: str | None = None,
                config: dict | None = None, scale: float = 1.0, out_dtype: torch.dtype | None = None,
-               residual: torch.Tensor | None = None, residual_scale=None):
+               residual: torch.Tensor | None = None, residual_scale=None,
+               key_scale: torch.Tensor | None = None):
     """(o, ht) of S_t = diag(exp(g_t)) S_{t-1} diag(exp(gv_t)) + k_t v_t^T, o_t = q_t^T S_t
     (o_t = q_t^T S_{t-1} when `exclusive`).
 
@@ -101,13 +103,18 @@ def chunk_diag(q, k, v, g=None, gv=None, h0=None, cu_seqlens=None, *, exclusive:
     residual, residual_scale: o += residual_scale * residual, added by the kernel as it stores
     o: a readout's term beside q^T S (mamba2's D * x). residual [B, T, H, V]; residual_scale a
     number or a tensor that broadcasts to [1, 1, H, V] (a per-head weight). Gradients flow to
-    both."""
+    both.
+    key_scale: None or [B, T, H], a per-token factor of the keys (the recurrence's k_t is
+    key_scale_t * k_t; mamba2's B * delta), which the kernels apply as they load k instead
+    of a pass writing the product; not with per-channel gates. Gradients flow to it."""
     check_backend(backend, input_precision)
     spec = kernel_spec(q, g, gv, exclusive, name)
     if residual is not None:
         residual_scale = _residual_scale(residual_scale, v)
         residual = residual.to(q.dtype)
     if backend == "torch":
+        if key_scale is not None:
+            k = (k.float() * key_scale.float()[..., None]).to(k.dtype)
         o, ht = chunk_diag_torch(q, k, v, g, gv, h0, cu_seqlens, exclusive, output_final_state, chunk_size)
         o = o * scale
         if residual is not None:
@@ -116,7 +123,7 @@ def chunk_diag(q, k, v, g=None, gv=None, h0=None, cu_seqlens=None, *, exclusive:
     options = LaunchOptions.for_call(q.device, chunk_size=chunk_size, input_precision=input_precision,
                                      poison=poison, config=config)
     return ChunkDiagFunction.apply(q, k, v, g, gv, h0, cu_seqlens, spec, output_final_state, options,
-                                   float(scale), out_dtype, residual, residual_scale)
+                                   float(scale), out_dtype, residual, residual_scale, key_scale)
 
 
 def _residual_scale(scale, v: torch.Tensor) -> torch.Tensor:

@@ -292,3 +292,9 @@ def test_mamba2_forward_at_the_benchmark_shape_is_three_launches():
     (fused,) = [k for k in trace.launches("forward") if k.name == "mamba2_S_chunk_fused_fwd"]
     assert fused.arguments["HAS_RESIDUAL"] and fused.arguments["o"].dtype == torch.bfloat16
     assert fused.options["num_stages"] >= 1
+    # k = B * delta: the kernel reads B and multiplies by delta, so the prologue writes no
+    # [B, T, H, K] tensor, only per-token scalars (the log gate and delta)
+    assert fused.arguments["HAS_KEY_SCALE"] and fused.arguments["key_scale"].shape == (16, 128, 16)
+    (prologue,) = [k for k in trace.launches("forward") if k.name == "mamba2_prologue_fwd"]
+    written = [a for name, a in prologue.arguments.items() if name.startswith("p_out_")]
+    assert written and all(a.shape[-1] == 1 for a in written), written

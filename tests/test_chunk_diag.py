@@ -440,6 +440,64 @@ def test_residual_term_is_added_by_the_kernel(backend, fused, u_is_v, seqlens):
         assert rel_rms(grad, ref) <= FP32_TOLERANCE, f"d{label}: {rel_rms(grad, ref):.2e}"
 
 
+@pytest.mark.parametrize("gate, fused, seqlens, exclusive", [
+    ("scalar", 0, None, False), ("scalar", 1, None, False), ("none", None, None, False),
+    ("scalar", None, (23, 47), False), ("scalar", None, None, True)])
+def test_key_scale_is_applied_by_the_kernels(gate, fused, seqlens, exclusive):
+    """k_t = s_t * k_t with s a per-token factor (mamba2's B * delta), applied as the
+    kernels load k: values and the gradients of every input, s included, against the
+    recurrence on the product; with a residual term beside it, as mamba2 has."""
+    torch.manual_seed(7)
+    case = Case(gate, T=70, K=32, V=16, H=2, B=1 if seqlens else 2, seqlens=seqlens, exclusive=exclusive)
+    inputs = make_inputs(case)
+    s = F.softplus(torch.randn(*inputs[0].shape[:3])) + 0.1
+    c = torch.randn(1, 1, case.H, 1)
+    do = torch.randn(*inputs[2].shape).double()
+    N = len(seqlens) if seqlens else case.B
+    dht = torch.randn(N, case.H, case.K, case.V, dtype=torch.float64)
+    cu_seqlens = inputs[6]
+    config = None if fused is None else {"fused_forward": fused}
+
+    def grads_of(run, dtype):
+        q, k, v, g, _, h0 = [None if x is None else x.to(dtype).detach().requires_grad_()
+                             for x in inputs[:6]]
+        s_, c_ = s.to(dtype).requires_grad_(), c.to(dtype).requires_grad_()
+        o, ht = run(q, k, v, g, h0, s_, c_)
+        leaves = [x for x in (q, k, v, g, h0, s_, c_) if x is not None]
+        loss = (o.double() * do).sum() + (ht.double() * dht).sum()
+        return o, ht, torch.autograd.grad(loss, leaves)
+
+    def kernels(q, k, v, g, h0, s, c):
+        return chunk_diag(q, k, v, g, None, h0, cu_seqlens, exclusive=exclusive, output_final_state=True,
+                          input_precision="ieee", poison=True, residual=v, residual_scale=c,
+                          key_scale=s, config=config)
+
+    def reference(q, k, v, g, h0, s, c):
+        o, ht = naive_recurrence(q, k * s[..., None], v, g, None, h0, cu_seqlens, exclusive)
+        return o + c * v, ht
+
+    o, ht, grads = grads_of(kernels, torch.float32)
+    ref_o, ref_ht, ref_grads = grads_of(reference, torch.float64)
+    assert rel_rms(o, ref_o) <= FP32_TOLERANCE and rel_rms(ht, ref_ht) <= FP32_TOLERANCE
+    labels = [label for label, x in zip(("q", "k", "v", "g", "h0"), inputs[:6]) if x is not None]
+    for label, grad, ref in zip(labels + ["s", "c"], grads, ref_grads):
+        assert grad.shape == ref.shape, label
+        assert rel_rms(grad, ref) <= FP32_TOLERANCE, f"d{label}: {rel_rms(grad, ref):.2e}"
+
+
+def test_key_scale_is_checked():
+    case = Case("channel", T=20, K=16, V=16)
+    q, k, v, g, gv, h0, cu_seqlens = make_inputs(case)
+    with pytest.raises(ValueError, match="per-channel"):
+        chunk_diag(q, k, v, g, gv, h0, cu_seqlens, exclusive=False, output_final_state=False,
+                   key_scale=torch.ones(q.shape[:3]))
+    case = Case("scalar", T=20, K=16, V=16)
+    q, k, v, g, gv, h0, cu_seqlens = make_inputs(case)
+    with pytest.raises(ValueError, match=r"key_scale has shape \(1, 20\)"):
+        chunk_diag(q, k, v, g, gv, h0, cu_seqlens, exclusive=False, output_final_state=False,
+                   key_scale=torch.ones(q.shape[:2]))
+
+
 def test_residual_shapes_are_checked():
     case = Case("scalar", T=20, K=16, V=32)
     q, k, v, g, gv, h0, cu_seqlens = make_inputs(case)

@@ -224,12 +224,46 @@ def test_a_readout_term_c_times_u_folds_into_the_kernel():
         assert result.ok, (backend, result.errors)
 
 
+KEY_FACTORS = """
+attention key_factors
+  dims    K, V
+  inputs  q[K], k[K], v[V], b, g
+  weight  w
+  state   S[K, V]
+  state   R[K, V]
+  decay   S = exp(-softplus(g)) * S
+  update  S = S + outer(k * sigmoid(b) * w, v)
+  update  R = R + outer(k * w, v)
+  readout o = q @ S + q @ R
+end
+"""
+
+
+def test_a_per_token_factor_of_the_key_goes_to_the_kernels():
+    """`outer(k * s, v)` with s a per-token scalar (made of scalar inputs, weights and
+    params): the chunk call's key is k and the kernels multiply by s. A factor of weights
+    alone is not per token and stays in the prologue's key. Values and all gradients
+    verified on both backends."""
+    from attnc.codegen.plan import plan_chunks
+
+    op = attnc.compile(KEY_FACTORS)
+    calls = {c.state: c for c in plan_chunks(op.analysis).calls}
+    assert (str(calls["S"].key), str(calls["S"].key_scale)) == ("k", "w*sigmoid(b)")
+    assert calls["R"].key_scale is None and str(calls["R"].key) == "k*w"
+    assert "key_scale=per_token(ops[\"S_key_scale\"], shape)" in op.plan_source()
+    for backend in ("torch", "triton"):
+        result = verify(op, backend=backend, T=70, K=16, V=32, H=2)
+        assert result.ok, (backend, result.errors)
+
+
 def test_mamba2_adds_d_times_x_in_the_chunk_kernel():
     from attnc.codegen.plan import plan_chunks
 
     op = attnc.load("mamba2")
     (call,) = plan_chunks(op.analysis).calls
     assert (call.residual, str(call.residual_scale), call.direct) == ("x", "D", True)
+    # and B * delta is the key B with the per-token factor delta, applied by the kernels
+    assert (str(call.key), str(call.key_scale)) == ("B", "softplus(dt + dt_bias)")
     # x is the value operand too: the plan passes one tensor as both, and the dv kernel adds
     # D * do into dv (no pass of its own over the gradients)
     source = op.plan_source()
