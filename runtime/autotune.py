@@ -190,6 +190,9 @@ def candidates(op, *, T: int, dims: Mapping[str, int], dtype, mode: str = "fast"
     return chosen
 
 
+_MANY_SEQUENCES = 4096
+
+
 def _call_plans(op, dims: Mapping[str, int], dtype) -> list[tuple[str, Callable]]:
     """(kind, make_plan(chunk_size, config) -> the launcher's _Plan or None) per chunk call,
     planned on meta tensors of the call's key and value widths."""
@@ -204,8 +207,12 @@ def _call_plans(op, dims: Mapping[str, int], dtype) -> list[tuple[str, Callable]
         shape = states[call.state]
         key_dim = dims[shape[0]]
         value_dim = dims[shape[1]] if len(shape) > 1 else 1
-        q = torch.empty(1, 1, 1, key_dim, dtype=dtype, device="meta")
-        v = torch.empty(1, 1, 1, value_dim, dtype=dtype, device="meta")
+        # as many sequences as fill any GPU: the defaults that depend on the batch (the state
+        # passes' V block narrows for few sequences) take the values a config's own stand
+        # beside, so that candidates are told apart (and their shared memory estimated) by
+        # what they ask for, not by a batch of one
+        q = torch.empty(_MANY_SEQUENCES, 1, 1, key_dim, dtype=dtype, device="meta")
+        v = torch.empty(_MANY_SEQUENCES, 1, 1, value_dim, dtype=dtype, device="meta")
 
         def make_plan(chunk_size, config, module=module, q=q, v=v):
             try:
