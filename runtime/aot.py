@@ -216,6 +216,30 @@ def compile_launch(launch: KernelLaunch, target: Target) -> KernelReport:
                         spill_bytes=spills, shared_bytes=compiled.metadata.shared)
 
 
+def compile_job(launch: KernelLaunch, target: Target):
+    """The launch as a `compile_pool.CompileJob` for `target` (its specialisation as
+    `source_for` derives it), for compiling in worker processes."""
+    import hashlib
+    import inspect
+    import os
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+
+    from .compile_pool import CompileJob
+
+    source = source_for(launch)
+    fn = source.fn
+    gpu = GPUTarget(target.backend, target.arch, target.warp_size)
+    options = {k: v for k, v in launch.options.items() if k in ("num_warps", "num_stages", "num_ctas")}
+    return CompileJob(path=os.path.abspath(inspect.getsourcefile(fn.fn)), module=fn.fn.__module__,
+                      name=fn.fn.__qualname__, signature=dict(source.signature),
+                      constexprs=dict(source.constants), attrs=dict(source.attrs),
+                      options=dict(make_backend(gpu).parse_options(options).__dict__),
+                      target=(gpu.backend, gpu.arch, gpu.warp_size), cache_key=fn.cache_key,
+                      source_digest=hashlib.sha256(fn.src.encode("utf-8")).hexdigest())
+
+
 def distinct_launches(trace: Trace) -> list[KernelLaunch]:
     """One launch per compiled variant (kernel, argument types, constants, options)."""
     seen: dict[object, KernelLaunch] = {}

@@ -13,8 +13,9 @@ backward of all outputs, with random output gradients, to every input and weight
 initial or final state. Training is what these kernels are for, and the backward is most
 of the time, so a config that only speeds up the forward loses.
 
-Before timing, every candidate's kernels are compiled at once on a thread pool
-(`precompile`): compiling candidates x kernels one by one was most of a cold start.
+Before timing, every candidate's kernels are compiled at once in worker processes
+(`precompile`, runtime/compile_pool.py): compiling candidates x kernels one by one was most
+of a cold start.
 
 Tuned configs live in the kernel cache beside the op's sources (configs.json), per device
 (`describe_device`) and shape bucket (`shape_bucket`), so a second process with the same
@@ -23,9 +24,9 @@ interpreter and on CPU tensors it never runs and the defaults hold.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -281,44 +282,48 @@ def default_bench(fn: Callable[[], object]) -> float:
 
 def precompile(trials, *, workers: int | None = None,
                compile_launch: Callable | None = None) -> int:
-    """Compile every trial's kernels before any is timed, on `workers` threads (default:
+    """Compile every trial's kernels before any is timed, on `workers` processes (default:
     the CPUs this process may use, at most 16). Returns the number of launches seen.
 
     Triton compiles a kernel on one core (its MLIR passes, then ptxas), and a tuning run
-    compiles candidates x kernels of them: one by one, that was most of a cold start.
-    Here each trial runs once with its launches redirected: `kernel[grid](*args, **kw)`
-    becomes `kernel.warmup(*args, grid=grid, **kw)`, which compiles and caches exactly the
-    specialisation that launch needs without running it, and under triton.AsyncCompileMode
-    those compiles go to the thread pool (Triton de-duplicates them by cache key). No
-    generated kernel runs; the PyTorch ops between launches do, on whatever the buffers
-    hold, and the host code only looks at shapes (and cu_seqlens, which are real). A compile that fails (a candidate out of
-    resources) is dropped here and reported by the timing pass, which meets it again.
-    `compile_launch(kernel, grid, args, kwargs)` replaces the warmup (tests)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    import triton
-
+    compiles candidates x kernels of them: one by one, that was most of a cold start, and
+    threads did not help much (a compile holds Python's GIL for much of its time). Here
+    each trial runs once with its launches redirected: `kernel[grid](*args, **kw)` becomes
+    `kernel.warmup(*args, grid=grid, **kw)`, which asks for exactly the specialisation that
+    launch needs without running it; `compile_pool.captured_compiles` collects those
+    compiles instead of making them, and `compile_pool.compile_jobs` makes them in worker
+    processes, into Triton's on-disk cache, where the timing pass finds them. No generated
+    kernel runs; the PyTorch ops between launches do, on whatever the buffers hold, and
+    the host code only looks at shapes (and cu_seqlens, which are real). A compile that
+    fails (a candidate out of resources) is dropped here and reported by the timing pass,
+    which meets it again. `compile_launch(kernel, grid, args, kwargs)` replaces the
+    warmup and the workers (tests)."""
+    from .compile_pool import CompilePool, captured_compiles
     from .launches import launches_replaced
 
-    if compile_launch is None:
-        def compile_launch(kernel, grid, args, kwargs):
-            kernel.warmup(*args, grid=grid, **kwargs)
-    if workers is None:
-        workers = max(1, min(16, len(os.sched_getaffinity(0))))
     launches = 0
+    jobs: list = []
 
     def launch(kernel, grid, args, kwargs):
         nonlocal launches
         launches += 1
-        compile_launch(kernel, grid, args, kwargs)
+        if compile_launch is None:
+            kernel.warmup(*args, grid=grid, **kwargs)
+        else:
+            compile_launch(kernel, grid, args, kwargs)
 
-    with ThreadPoolExecutor(workers, thread_name_prefix="attnc-compile") as pool, \
-            triton.AsyncCompileMode(pool, ignore_errors=True), launches_replaced(launch):
-        for trial in trials:
-            try:
-                trial()
-            except Exception as err:  # the timing pass runs it for real and reports it
-                log.debug("autotune: precompiling %s: %s", trial.config, _first_line(err))
+    # the workers start (imports: seconds) while the trials run
+    pool = CompilePool(workers) if compile_launch is None else contextlib.nullcontext()
+    capture = captured_compiles(jobs) if compile_launch is None else contextlib.nullcontext()
+    with pool:
+        with capture, launches_replaced(launch):
+            for trial in trials:
+                try:
+                    trial()
+                except Exception as err:  # the timing pass runs it for real and reports it
+                    log.debug("autotune: precompiling %s: %s", trial.config, _first_line(err))
+        if jobs:
+            pool.compile(jobs)
     return launches
 
 
