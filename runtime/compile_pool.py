@@ -282,6 +282,8 @@ def _kernel(job: CompileJob):
 
     from triton.runtime.jit import JITFunction
 
+    from .loader import settle_kernel_keys
+
     module = sys.modules.get(job.module)
     if module is None:
         spec = importlib.util.spec_from_file_location(job.module, job.path)
@@ -294,6 +296,7 @@ def _kernel(job: CompileJob):
         except BaseException:
             del sys.modules[job.module]
             raise
+        settle_kernel_keys(module)
     function = module
     for part in job.name.split("."):
         function = getattr(function, part)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -61,7 +62,49 @@ def load_module(source: str, module_name: str, directory: Path) -> ModuleType:
     except BaseException:
         del sys.modules[unique_name]
         raise
+    settle_kernel_keys(module)
     return module
+
+
+def settle_kernel_keys(module: ModuleType) -> None:
+    """Compute the Triton cache key of each compiled (not interpreted) @triton.jit
+    function in `module`, its callees first.
+
+    Triton keys a compiled kernel, on disk too, by a hash of its source, its callees' keys
+    and the constexpr globals it and they read. Triton 3.6 merges a callee's globals into
+    its caller's before it hashes the callee, so a kernel hashed before its helpers misses
+    their globals (INTERPRETED, SUB_CHUNK, ...): its key depended on which kernels a
+    process launched first, and a process launching in another order than the one that
+    filled the cache (a tuned config's forward, or a decode step, first) compiled again.
+    With callees hashed first every kernel has one key. Nothing is compiled here; hashing
+    an op's 80 functions takes ~40 ms."""
+    if "triton" not in sys.modules:
+        return
+    from triton.runtime.jit import JITFunction
+
+    def callees(function):
+        scope = function.__globals__
+        for base, attribute in re.findall(r"\b([A-Za-z_]\w*)(?:\.([A-Za-z_]\w*))?", function.src):
+            value = scope.get(base)
+            if attribute and isinstance(value, ModuleType):
+                value = getattr(value, attribute, None)
+            if isinstance(value, JITFunction):
+                yield value
+
+    visiting: set[int] = set()
+
+    def settle(function) -> None:
+        if getattr(function, "hash", None) is not None or id(function) in visiting:
+            return  # hashed already, or a recursive call (Triton breaks the cycle itself)
+        visiting.add(id(function))
+        for callee in callees(function):
+            settle(callee)
+        function.cache_key  # noqa: B018 - computed and memoised by Triton
+        visiting.discard(id(function))
+
+    for value in list(vars(module).values()):
+        if isinstance(value, JITFunction) and value.__module__ == module.__name__:
+            settle(value)
 
 
 def load_sibling(anchor: str | Path, module_name: str) -> ModuleType:
