@@ -169,3 +169,17 @@ def test_plot_results_reads_and_merges_results_tables(tmp_path):
         {"variant": "gla", "B": 16, "T": 2048, "D": 128, "attnc fwd ms": 9.999},
         {"variant": "gla", "B": 1, "T": 32768, "D": 128, "attnc fwd ms": 4.056}]
     assert [r["attnc fwd ms"] for r in merged(rows)] == [3.289, 4.056]
+
+
+def test_tuning_compiles_counts_what_tuning_would_compile():
+    """bench/tuning_compiles.py captures tuning's compiles with Triton's real compiler and
+    a driver stand-in (no GPU): every candidate's forward and backward kernels."""
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "tuning_compiles.py"), "retnet",
+                          "--shape", "1,64,2,32", "--count-only"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    head = run.stdout.splitlines()[0]
+    candidates, launches, compiles = (int(head.split(": ")[1].split(", ")[i].split()[0])
+                                      for i in range(3))
+    assert candidates >= 2 and launches >= 8 * candidates and 8 <= compiles <= launches
+    assert "chunk_dqdk" in run.stdout
