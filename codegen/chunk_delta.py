@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .reference import L2NORM_EPS
 from .templating import environment
 
 GATE_KINDS = ("none", "scalar", "channel")
@@ -50,7 +51,7 @@ class DeltaKernelSpec:
 def render(spec: DeltaKernelSpec) -> str:
     """Source of a module with the forward/backward kernels and launchers for `spec`."""
     template = environment().get_template("chunk_delta.py.jinja")
-    return template.render(name=spec.name, gate=spec.gate)
+    return template.render(name=spec.name, gate=spec.gate, eps=repr(L2NORM_EPS))
 
 
 # ---------------------------------------------------------------------------------------

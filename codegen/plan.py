@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import sympy as sp
 
 from .analysis import FAMILY, Analysis, LinearReadout, StateForm
-from .symbols import normalize
+from .symbols import l2norm, normalize
 
 
 class NoChunkForm(NotImplementedError):
@@ -59,6 +59,11 @@ class ChunkCall:
     # it, so no pass writes the product. None where the key has no such factor, and with
     # per-channel gates (whose kernels do not take one).
     key_scale: sp.Expr | None = None
+    # delta, no gate or a scalar one: a query `c * l2norm(u)` / key `l2norm(u)`, u an input
+    # and c made of params and numbers: `query` / `key` is u, c joins `scale`, and the
+    # kernels normalise u's rows as they load them, so no pass writes l2norm(u)
+    l2norm_query: bool = False
+    l2norm_key: bool = False
 
     def kernel_name(self, spec_name: str, n_calls: int) -> str:
         """Generated kernels are named after the spec and the state they compute."""
@@ -98,7 +103,7 @@ def plan_chunks(analysis: Analysis) -> ChunkPlan:
         if not terms:
             raise NoChunkForm(f"state `{st.name}` has no input term (it only decays)")
         if FAMILY[st.cls] == "delta":
-            calls.extend(_delta_calls(len(calls), st, reads))
+            calls.extend(_delta_calls(len(calls), analysis, st, reads))
             continue
         for j, term in enumerate(terms):
             for i, lr in enumerate(reads):
@@ -131,7 +136,7 @@ def _fold_readout_factors(analysis: Analysis, calls: list[ChunkCall]):
                 or factor.atoms(sp.Function) or not factor.is_real):
             continue
         (i,) = writers
-        fold = dict(scale=factor, direct=True)
+        fold = dict(scale=factor * calls[i].scale, direct=True)
         if residual is not None:
             fold.update(residual=residual[0], residual_scale=residual[1])
         calls[i] = dataclasses.replace(calls[i], **fold)
@@ -167,7 +172,7 @@ def _gate(st: StateForm) -> str:
     return "channel" if st.gate_per_channel else "scalar"
 
 
-def _delta_calls(start: int, st: StateForm, reads) -> list[ChunkCall]:
+def _delta_calls(start: int, analysis: Analysis, st: StateForm, reads) -> list[ChunkCall]:
     if len(st.inputs) != 1:
         raise NoChunkForm(f"delta state `{st.name}` has {len(st.inputs)} input terms; the delta "
                           "kernels take one, beta * outer(k, v)")
@@ -182,16 +187,47 @@ def _delta_calls(start: int, st: StateForm, reads) -> list[ChunkCall]:
         raise NoChunkForm(f"a readout of delta state `{st.name}` reads the previous state; "
                           "the delta kernels read after the update")
     gate = _gate(st)
+    key, l2norm_key = st.delta_key, False
+    if gate != "channel" and (u := _l2norm_of_input(analysis, key)) is not None:
+        key, l2norm_key = u, True
     calls = []
     for i, lr in enumerate(reads):
+        query, l2norm_query, scale = lr.query if lr else None, False, sp.Integer(1)
+        factored = _scaled_l2norm(analysis, query) if query is not None and gate != "channel" else None
+        if factored is not None:
+            (query, scale), l2norm_query = factored, True
         calls.append(ChunkCall(
             index=start + i, kind="delta", state=st.name, term=0,
-            readout=lr.placeholder.name if lr else None, query=lr.query if lr else None,
-            key=st.delta_key, value=normalize(ratio * term.y), beta=st.delta_beta,
+            readout=lr.placeholder.name if lr else None, query=query,
+            key=key, value=normalize(ratio * term.y), beta=st.delta_beta,
             log_gate=st.log_gate if gate != "none" else None, gate=gate, log_gate_v=None,
             exclusive=False, takes_initial=True, gives_final=(i == 0),
+            scale=scale, l2norm_query=l2norm_query, l2norm_key=l2norm_key,
         ))
     return calls
+
+
+def _l2norm_of_input(analysis: Analysis, expr: sp.Expr) -> sp.Symbol | None:
+    """u when `expr` is l2norm(u) for a vector input u; else None."""
+    vectors = {i.name for i in analysis.spec.inputs if i.shape}
+    if isinstance(expr, l2norm) and isinstance(expr.args[0], sp.Symbol) and expr.args[0].name in vectors:
+        return expr.args[0]
+    return None
+
+
+def _scaled_l2norm(analysis: Analysis, expr: sp.Expr) -> tuple[sp.Symbol, sp.Expr] | None:
+    """(u, c) when `expr` is c * l2norm(u), u a vector input and c made of params and
+    numbers; else None."""
+    params = {p.name for p in analysis.spec.params}
+    norms = [f for f in expr.atoms(l2norm) if _l2norm_of_input(analysis, f) is not None]
+    if len(norms) != 1:
+        return None
+    (norm,) = norms
+    c = sp.simplify(expr / norm)
+    if c.has(norm) or c == 0 or {x.name for x in c.free_symbols} - params or c.atoms(sp.Function) \
+            or sp.simplify(expr - c * norm) != 0:
+        return None
+    return norm.args[0], c
 
 
 def _key_factor(analysis: Analysis, key: sp.Expr) -> tuple[sp.Expr, sp.Expr] | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..codegen.chunk_delta import DeltaKernelSpec, chunk_delta_torch, render
+from ..codegen.reference import L2NORM_EPS
 from .kernels import KernelModules, LaunchOptions, check_backend, gate_kind
 
 # rendered and imported modules, one per DeltaKernelSpec; one file per structure (the
@@ -20,7 +21,8 @@ MODULES = KernelModules(render, lambda spec: f"{spec.name}_{spec.gate}")
 
 class ChunkDeltaFunction(torch.autograd.Function):
     """Autograd over the rendered module's forward and backward launchers. Saves only the
-    inputs: the backward recomputes scores, inverse, W, U' and chunk states."""
+    inputs (and the inverse norms of those the kernels l2-normalise): the backward
+    recomputes scores, inverse, W, U' and chunk states."""
 
     @staticmethod
     def module_for(spec: DeltaKernelSpec):
@@ -28,11 +30,14 @@ class ChunkDeltaFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, beta, g, h0, cu_seqlens, spec, output_final_state, options, scale,
-                out_dtype):
+                out_dtype, l2norm_q, l2norm_k):
         module = ChunkDeltaFunction.module_for(spec)
+        q_norm = module.inverse_norms(q) if l2norm_q else None
+        k_norm = module.inverse_norms(k) if l2norm_k else None
         o, ht = module.forward(q, k, v, beta, g, h0, cu_seqlens, output_final_state,
-                               scale=scale, out_dtype=out_dtype, **options.as_kwargs())
-        ctx.save_for_backward(q, k, v, beta, g, h0, cu_seqlens)
+                               scale=scale, out_dtype=out_dtype, q_norm=q_norm, k_norm=k_norm,
+                               **options.as_kwargs())
+        ctx.save_for_backward(q, k, v, beta, g, h0, cu_seqlens, q_norm, k_norm)
         ctx.spec = spec
         ctx.scale = scale
         ctx.options = options
@@ -41,31 +46,31 @@ class ChunkDeltaFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, beta, g, h0, cu_seqlens = ctx.saved_tensors
-        nothing = (None,) * 12
+        q, k, v, beta, g, h0, cu_seqlens, q_norm, k_norm = ctx.saved_tensors
+        nothing = (None,) * 14
         if do is None and dht is None:
             return nothing
         if do is None:
             do = torch.zeros(*v.shape, dtype=torch.float32, device=v.device)
         module = ChunkDeltaFunction.module_for(ctx.spec)
         grads = module.backward(q, k, v, beta, g, h0, cu_seqlens, do, dht, scale=ctx.scale,
-                                **ctx.options.as_kwargs())
+                                q_norm=q_norm, k_norm=k_norm, **ctx.options.as_kwargs())
         dq, dk, dv, dbeta, dg, dh0 = (
             None if grad is None else grad.to(like.dtype)
             for grad, like in zip(grads, (q, k, v, beta, g, h0))
         )
-        return dq, dk, dv, dbeta, dg, dh0, None, None, None, None, None, None
+        return dq, dk, dv, dbeta, dg, dh0, None, None, None, None, None, None, None, None
 
 
 def chunk_delta(q, k, v, beta, g=None, h0=None, cu_seqlens=None, *, output_final_state: bool,
                 chunk_size: int = 64, backend: str = "triton", name: str = "delta",
                 input_precision: str = "tf32", poison: bool | None = None,
                 config: dict | None = None, scale: float = 1.0,
-                out_dtype: torch.dtype | None = None):
+                out_dtype: torch.dtype | None = None, l2norm_q: bool = False, l2norm_k: bool = False):
     """(o, ht) of S_t = (I - beta_t k_t k_t^T) D_t S_{t-1} + beta_t k_t v_t^T, o_t = q_t^T S_t.
 
     q, k: [B, T, H, K]; v: [B, T, H, V] (fp32, fp16 or bf16; scale folded into q, keys
-    l2-normalised by the caller); beta: [B, T, H]; g: None (D_t = I), [B, T, H] (scalar
+    l2-normalised by the caller unless l2norm_k); beta: [B, T, H]; g: None (D_t = I), [B, T, H] (scalar
     decay exp(g_t)) or [B, T, H, K] (per-channel decay) log gates <= 0; h0: None or
     [N, H, K, V]; cu_seqlens: None or [N + 1] offsets of sequences packed along T (then B == 1).
     o is [B, T, H, V] fp32; ht is [N, H, K, V] fp32 when `output_final_state`, else None.
@@ -73,6 +78,9 @@ def chunk_delta(q, k, v, beta, g=None, h0=None, cu_seqlens=None, *, output_final
 
     scale, out_dtype: o = scale * q_t^T S_t, stored in out_dtype (default fp32) by the
     kernel itself: a readout's constant factor and the output's dtype, with no pass after.
+    l2norm_q, l2norm_k: the recurrence reads l2norm(q) / l2norm(k) (x / sqrt(sum(x * x) +
+    eps)); the kernels normalise the rows as they load them, so no pass writes the
+    normalised tensors, and gradients flow to the raw ones.
 
     name: prefix of the generated kernels. input_precision: tl.dot precision for fp32 inputs
     on a GPU ("ieee" for full fp32). poison: NaN-fill kernel buffers before they are written
@@ -82,10 +90,21 @@ def chunk_delta(q, k, v, beta, g=None, h0=None, cu_seqlens=None, *, output_final
     the "torch" backend ignores it."""
     check_backend(backend, input_precision)
     spec = DeltaKernelSpec(name=name, gate=gate_kind(q, g))
+    if backend == "torch" or spec.gate == "channel":
+        # (the kernels of a per-channel gate take normalised inputs)
+        q = _l2norm(q) if l2norm_q else q
+        k = _l2norm(k) if l2norm_k else k
+        l2norm_q = l2norm_k = False
     if backend == "torch":
         o, ht = chunk_delta_torch(q, k, v, beta, g, h0, cu_seqlens, output_final_state, chunk_size)
         return (o * scale).to(out_dtype or torch.float32), ht
     options = LaunchOptions.for_call(q.device, chunk_size=chunk_size, input_precision=input_precision,
                                      poison=poison, config=config)
     return ChunkDeltaFunction.apply(q, k, v, beta, g, h0, cu_seqlens, spec, output_final_state, options,
-                                    float(scale), out_dtype)
+                                    float(scale), out_dtype, bool(l2norm_q), bool(l2norm_k))
+
+
+def _l2norm(x):
+    """l2norm over the last dim in PyTorch (differentiable), in x's dtype."""
+    y = x.float()
+    return (y * torch.rsqrt((y * y).sum(-1, keepdim=True) + L2NORM_EPS)).to(x.dtype)

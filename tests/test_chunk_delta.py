@@ -417,3 +417,61 @@ def test_bf16_operands_as_on_a_gpu(case, gpu_operand_storage):
         assert torch.isfinite(grad).all(), f"d{label} has NaN/inf"
         tolerance = BF16_OPERANDS_GATE_TOLERANCE if label == "g" else BF16_OPERANDS_TOLERANCE
         assert rel_rms(grad, ref) <= tolerance, f"d{label}: rel RMS {rel_rms(grad, ref):.2e}"
+
+
+def _l2norm_fp64(x):
+    x = x.double()
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + 1e-6)
+
+
+# q and k drawn raw (not normalised) so that the kernels' own normalisation matters
+L2NORM_CASES = [Case("none", T=100, K=32, V=16), Case("scalar", T=100, K=48, V=16, chunk_size=32),
+                Case("scalar", T=104, H=1, seqlens=(80, 23, 1)), Case("channel", T=40, K=16, V=32),
+                Case("scalar", T=100, K=32, V=16, dtype=torch.bfloat16)]
+
+
+@pytest.mark.parametrize("case", L2NORM_CASES, ids=str)
+def test_kernels_normalise_q_and_k_as_they_load_them(case):
+    """l2norm_q / l2norm_k: the kernels read raw q and k and normalise each row as they load
+    it; values and every gradient (to the raw q and k) against the fp64 recurrence of the
+    normalised inputs, in both forward forms. (A per-channel gate's op normalises first.)"""
+    torch.manual_seed(zlib.crc32(str(case).encode()))
+    q, k, v, beta, g, h0, cu_seqlens = make_inputs(case)
+    q = (3 * torch.randn(q.shape, device=q.device)).to(case.dtype)
+    k = (2 * torch.randn(k.shape, device=k.device)).to(case.dtype)
+    inputs = (q, k, v, beta, g, h0, cu_seqlens)
+
+    def reference(q, k, v, beta, g, h0, cu_seqlens):
+        return naive_recurrence(_l2norm_fp64(q), _l2norm_fp64(k), *[None if x is None else x.double()
+                                                                   for x in (v, beta, g, h0)], cu_seqlens)
+
+    ref_o, ref_ht = reference(*inputs)
+    do, dht = torch.randn_like(ref_o), torch.randn_like(ref_ht)
+    ref_o, ref_ht, ref_grads = run_and_differentiate(reference, inputs, do, dht)
+    tolerance = BF16_TOLERANCE if case.dtype == torch.bfloat16 else FP32_TOLERANCE
+    for fused in (0, 1):
+        def under_test(q, k, v, beta, g, h0, cu_seqlens):
+            return chunk_delta(q, k, v, beta, g, h0, cu_seqlens, output_final_state=True,
+                               chunk_size=case.chunk_size, input_precision="ieee", poison=True,
+                               config={"fused_forward": fused}, l2norm_q=True, l2norm_k=True)
+
+        o, ht, grads = run_and_differentiate(under_test, inputs, do, dht)
+        assert rel_rms(o, ref_o) <= tolerance, f"fused_forward={fused}: o {rel_rms(o, ref_o):.2e}"
+        assert rel_rms(ht, ref_ht) <= tolerance, f"fused_forward={fused}: ht"
+        for name, grad, ref in zip(("q", "k", "v", "beta", "g", "h0"), grads, ref_grads):
+            if ref is not None:
+                err = rel_rms(grad, ref)
+                assert err <= tolerance, f"fused_forward={fused}: d{name} {err:.2e}"
+
+
+def test_inverse_norms_are_checked():
+    module = ChunkDeltaFunction.module_for(DeltaKernelSpec("delta", "scalar"))
+    q, k, v, beta, g, h0, cu = make_inputs(Case("scalar", T=20, K=16, V=16))
+    with pytest.raises(ValueError, match=r"k_norm is torch.float64 \(1, 20, 2\)"):
+        module.forward(q, k, v, beta, g, h0, cu, False, k_norm=torch.ones(1, 20, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"q_norm .* expected float32 \[B, T, H\]"):
+        module.forward(q, k, v, beta, g, h0, cu, False, q_norm=torch.ones(1, 20, 3))
+    channel = ChunkDeltaFunction.module_for(DeltaKernelSpec("delta", "channel"))
+    q, k, v, beta, g, h0, cu = make_inputs(Case("channel", T=20, K=16, V=16))
+    with pytest.raises(ValueError, match="per-channel gate do not normalise"):
+        channel.forward(q, k, v, beta, g, h0, cu, False, q_norm=torch.ones(1, 20, 2))

@@ -187,18 +187,31 @@ def test_gqa_heads_and_strided_tensors(name, layout):
 
 def test_plan_runs_the_fused_parts_on_triton():
     """The fused modules ride in the op's sources beside the plan, are named after the
-    spec, and the plan picks them by backend."""
-    op = attnc.load("gated_deltanet")
+    spec, and the plan picks them by backend. (gla: its prologue computes the log gate,
+    so it has a backward kernel too.)"""
+    op = attnc.load("gla")
     files = op.sources()
-    assert {"gated_deltanet_prologue.py", "gated_deltanet_epilogue.py"} <= set(files)
-    assert "def gated_deltanet_prologue_fwd(" in files["gated_deltanet_prologue.py"]
-    assert "def gated_deltanet_prologue_bwd(" in files["gated_deltanet_prologue.py"]
+    assert {"gla_prologue.py", "gla_epilogue.py"} <= set(files)
+    assert "def gla_prologue_fwd(" in files["gla_prologue.py"]
+    assert "def gla_prologue_bwd(" in files["gla_prologue.py"]
     plan = op.plan_module()
     assert plan.elementwise("torch") == (plan.Prologue, plan.Epilogue)
     fused = plan.elementwise("triton")
-    assert [f.__module__.split("_")[2:4] for f in fused] == [["gated", "deltanet"]] * 2
-    assert emit_elementwise(plan_chunks(op.analysis)).keys() == {
-        "gated_deltanet_prologue", "gated_deltanet_epilogue"}
+    assert [f.__module__.split("_")[2:4] for f in fused] == [["gla", "prologue"], ["gla", "epilogue"]]
+    assert emit_elementwise(plan_chunks(op.analysis)).keys() == {"gla_prologue", "gla_epilogue"}
+
+
+def test_delta_kernels_normalise_q_and_k_themselves():
+    """deltanet's q = l2norm(q) * scale and k = l2norm(k): the chunk call takes the raw
+    inputs with l2norm_q / l2norm_k and scale as its output factor, so the prologue
+    computes and stores nothing (its forward hands the inputs through)."""
+    op = attnc.load("deltanet")
+    (call,) = plan_chunks(op.analysis).calls
+    assert (call.l2norm_query, call.l2norm_key) == (True, True)
+    assert (call.query.name, call.key.name, str(call.scale)) == ("q", "k", "scale")
+    plan_source = op.sources()["deltanet_plan.py"]
+    assert "l2norm_q=True" in plan_source and "l2norm_k=True" in plan_source
+    assert "def deltanet_prologue_bwd(" not in op.sources()["deltanet_prologue.py"]
 
 
 @pytest.mark.parametrize("name", ["mamba2", "rwkv6", "gated_deltanet", "weighted"])
@@ -211,8 +224,9 @@ def test_end_to_end_on_triton(name):
 def test_fused_parts_store_streamed_tensors_in_the_stream_dtype():
     """On bf16 inputs the fused prologue stores the q, k, v operands of the chunk kernels
     in bf16 (no conversion pass before them) and the log gate and beta in fp32; the
-    epilogue stores the outputs in bf16."""
-    op = _op("gated_deltanet")
+    epilogue stores the outputs in bf16. (kda: its kernels take normalised q and k, which
+    its prologue computes; gated_deltanet's normalise them themselves.)"""
+    op = _op("kda")
     dims, programs = _programs(op)
     gen = torch.Generator().manual_seed(11)
     params = {p.name: 0.7 for p in op.spec.params}
@@ -237,7 +251,7 @@ def test_fused_parts_store_streamed_tensors_in_the_stream_dtype():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter check: a GPU may contract the fp32 math differently")
-@pytest.mark.parametrize("name", ["gated_deltanet", "weighted"])
+@pytest.mark.parametrize("name", ["kda", "weighted"])
 def test_fused_backward_stores_gradients_in_the_inputs_dtypes(name):
     """Per-token bf16 inputs get their gradients from the fused backward in bf16, the fp32
     result rounded once (the values autograd's conversion would give, without its pass);
