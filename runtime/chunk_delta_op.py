@@ -20,9 +20,10 @@ MODULES = KernelModules(render, lambda spec: f"{spec.name}_{spec.gate}")
 
 
 class ChunkDeltaFunction(torch.autograd.Function):
-    """Autograd over the rendered module's forward and backward launchers. Saves only the
-    inputs (and the inverse norms of those the kernels l2-normalise): the backward
-    recomputes scores, inverse, W, U' and chunk states."""
+    """Autograd over the rendered module's forward and backward launchers. Saves the inputs
+    (the inverse norms of those the kernels l2-normalise), the cumulated gate instead of the
+    raw one and, with a per-channel gate, the intra-chunk scores: the backward recomputes
+    the inverse, W, U' and the chunk states."""
 
     @staticmethod
     def module_for(spec: DeltaKernelSpec):
@@ -34,10 +35,15 @@ class ChunkDeltaFunction(torch.autograd.Function):
         module = ChunkDeltaFunction.module_for(spec)
         q_norm = module.inverse_norms(q) if l2norm_q else None
         k_norm = module.inverse_norms(k) if l2norm_k else None
-        o, ht = module.forward(q, k, v, beta, g, h0, cu_seqlens, output_final_state,
-                               scale=scale, out_dtype=out_dtype, q_norm=q_norm, k_norm=k_norm,
-                               **options.as_kwargs())
-        ctx.save_for_backward(q, k, v, beta, g, h0, cu_seqlens, q_norm, k_norm)
+        o, ht, saved = module.forward(q, k, v, beta, g, h0, cu_seqlens, output_final_state,
+                                      scale=scale, out_dtype=out_dtype, q_norm=q_norm, k_norm=k_norm,
+                                      keep=True, **options.as_kwargs())
+        # (the cumulated gate stands in for the raw one, of which the backward needs only
+        # the shape and dtype)
+        ctx.save_for_backward(q, k, v, beta, saved.gate, saved.kk_scores, saved.qk_scores, h0, cu_seqlens,
+                              q_norm, k_norm)
+        ctx.saved_chunk_size = saved.chunk_size
+        ctx.g_dtype = None if g is None else g.dtype
         ctx.spec = spec
         ctx.scale = scale
         ctx.options = options
@@ -46,18 +52,20 @@ class ChunkDeltaFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, beta, g, h0, cu_seqlens, q_norm, k_norm = ctx.saved_tensors
+        q, k, v, beta, gate, kk_scores, qk_scores, h0, cu_seqlens, q_norm, k_norm = ctx.saved_tensors
         nothing = (None,) * 14
         if do is None and dht is None:
             return nothing
         if do is None:
             do = torch.zeros(*v.shape, dtype=torch.float32, device=v.device)
         module = ChunkDeltaFunction.module_for(ctx.spec)
-        grads = module.backward(q, k, v, beta, g, h0, cu_seqlens, do, dht, scale=ctx.scale,
-                                q_norm=q_norm, k_norm=k_norm, **ctx.options.as_kwargs())
+        saved = module.Saved(gate, kk_scores, qk_scores, ctx.saved_chunk_size, ctx.g_dtype)
+        grads = module.backward(q, k, v, beta, gate, h0, cu_seqlens, do, dht, scale=ctx.scale,
+                                q_norm=q_norm, k_norm=k_norm, saved=saved, **ctx.options.as_kwargs())
         dq, dk, dv, dbeta, dg, dh0 = (
-            None if grad is None else grad.to(like.dtype)
-            for grad, like in zip(grads, (q, k, v, beta, g, h0))
+            None if grad is None else grad.to(dtype)
+            for grad, dtype in zip(grads, (q.dtype, k.dtype, v.dtype, beta.dtype, ctx.g_dtype,
+                                           None if h0 is None else h0.dtype))
         )
         return dq, dk, dv, dbeta, dg, dh0, None, None, None, None, None, None, None, None
 

@@ -38,12 +38,18 @@ class ChunkDiagFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, g, gv, h0, cu_seqlens, spec, output_final_state, options, scale,
                 out_dtype, residual, residual_scale, key_scale):
         module = ChunkDiagFunction.module_for(spec)
-        o, ht = module.forward(q, k, v, g, gv, h0, cu_seqlens, output_final_state,
-                               scale=scale, out_dtype=out_dtype, residual=residual,
-                               residual_scale=residual_scale, key_scale=key_scale, **options.as_kwargs())
-        # o is an output anyway; the V-side gate gradient needs it
-        ctx.save_for_backward(q, k, v, g, gv, h0, cu_seqlens, o if spec.vgate else None,
-                              None if residual is v else residual, residual_scale, key_scale)
+        o, ht, saved = module.forward(q, k, v, g, gv, h0, cu_seqlens, output_final_state,
+                                      scale=scale, out_dtype=out_dtype, residual=residual,
+                                      residual_scale=residual_scale, key_scale=key_scale, keep=True,
+                                      **options.as_kwargs())
+        # The backward reuses the forward's cumulated gates (kept instead of the raw gates,
+        # whose shapes and dtypes are all it needs of them) and, with a per-channel gate,
+        # its intra-chunk scores. o is an output anyway; the V-side gate gradient needs it.
+        ctx.save_for_backward(q, k, v, saved.gate, saved.vgate, saved.scores, h0, cu_seqlens,
+                              o if spec.vgate else None, None if residual is v else residual,
+                              residual_scale, key_scale)
+        ctx.saved_chunk_size = saved.chunk_size
+        ctx.gate_dtypes = (None if g is None else g.dtype, None if gv is None else gv.dtype)
         ctx.spec = spec
         # the residual term's input is the value operand itself (saved once, as v)
         ctx.residual_is_v = residual is v
@@ -54,7 +60,8 @@ class ChunkDiagFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, gv, h0, cu_seqlens, o, residual, residual_scale, key_scale = ctx.saved_tensors
+        (q, k, v, gate, vgate, scores, h0, cu_seqlens, o, residual, residual_scale,
+         key_scale) = ctx.saved_tensors
         nothing = (None,) * 15
         if do is None and dht is None:
             return nothing
@@ -65,12 +72,17 @@ class ChunkDiagFunction(torch.autograd.Function):
         # reads do, and adds residual's to dv where the residual is v (mamba2's D * x)
         if ctx.residual_is_v:
             residual = v
-        grads = module.backward(q, k, v, g, gv, h0, cu_seqlens, do, dht, o=o, scale=ctx.scale,
+        saved = module.Saved(gate, vgate, scores, ctx.saved_chunk_size, *ctx.gate_dtypes)
+        # (the cumulated gates stand in for the raw ones, whose shapes they have)
+        grads = module.backward(q, k, v, gate, vgate, h0, cu_seqlens, do, dht, o=o, scale=ctx.scale,
                                 residual=residual, residual_scale=residual_scale, key_scale=key_scale,
-                                **ctx.options.as_kwargs())
+                                saved=saved, **ctx.options.as_kwargs())
+        g_dtype, gv_dtype = ctx.gate_dtypes
         dq, dk, dv, dg, dgv, dh0, d_residual, d_residual_scale, d_key_scale = (
-            None if grad is None else grad.to(like.dtype)
-            for grad, like in zip(grads, (q, k, v, g, gv, h0, residual, residual_scale, key_scale))
+            None if grad is None else grad.to(dtype)
+            for grad, dtype in zip(grads, (q.dtype, k.dtype, v.dtype, g_dtype, gv_dtype,
+                                           *(None if t is None else t.dtype
+                                             for t in (h0, residual, residual_scale, key_scale))))
         )
         return (dq, dk, dv, dg, dgv, dh0, None, None, None, None, None, None, d_residual, d_residual_scale,
                 d_key_scale)

@@ -44,3 +44,28 @@ def gpu_operand_storage(monkeypatch):
 
         monkeypatch.setattr(module, "_Plan", GpuStoragePlan)
     return force
+
+
+@pytest.fixture
+def record_launches(monkeypatch):
+    """`with record_launches() as names:` the names of the Triton kernels launched within,
+    in order (they still run)."""
+    import contextlib
+
+    from triton.runtime.jit import KernelInterface
+
+    @contextlib.contextmanager
+    def recording():
+        names = []
+        launch_as_defined = KernelInterface.__getitem__
+
+        def launch(kernel, grid):
+            names.append(kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__)
+            return launch_as_defined(kernel, grid)
+
+        monkeypatch.setattr(KernelInterface, "__getitem__", launch)
+        try:
+            yield names
+        finally:
+            monkeypatch.setattr(KernelInterface, "__getitem__", launch_as_defined)
+    return recording

@@ -475,3 +475,55 @@ def test_inverse_norms_are_checked():
     q, k, v, beta, g, h0, cu = make_inputs(Case("channel", T=20, K=16, V=16))
     with pytest.raises(ValueError, match="per-channel gate do not normalise"):
         channel.forward(q, k, v, beta, g, h0, cu, False, q_norm=torch.ones(1, 20, 2))
+
+
+@pytest.mark.parametrize("case", [Case("channel", T=100, K=32, V=16), Case("channel", T=104, H=1, seqlens=(1, 80, 23)),
+                                  Case("scalar", T=100, K=16, V=32), Case("none", T=40, K=16, V=16)], ids=str)
+def test_backward_reuses_the_forwards_cumulated_gate_and_scores(case, record_launches):
+    """forward(keep=True) hands the backward its cumulated gate and (per-channel gate) its
+    intra-chunk scores: the gradients are those of a backward that computes them again, bit
+    for bit, and the op's backward launches no cumsum, nor a scores kernel for a
+    per-channel gate."""
+    torch.manual_seed(0)
+    q, k, v, beta, g, h0, cu_seqlens = make_inputs(case)
+    module = ChunkDeltaFunction.module_for(DeltaKernelSpec("delta", case.gate))
+    o, ht, saved = module.forward(q, k, v, beta, g, h0, cu_seqlens, True, poison=True, keep=True)
+    channel = case.gate == "channel"
+    assert (saved.gate is None) == (g is None)
+    assert (saved.kk_scores is not None) == channel and (saved.qk_scores is not None) == channel
+    if g is not None and cu_seqlens is None:
+        chunks = [piece.cumsum(1) for piece in g.split(case.chunk_size, dim=1)]
+        assert torch.allclose(saved.gate, torch.cat(chunks, 1), atol=1e-5), "not the chunk-local cumsum"
+    do, dht = torch.randn_like(o), torch.randn_like(ht)
+    recomputed = module.backward(q, k, v, beta, g, h0, cu_seqlens, do, dht, poison=True)
+    reused = module.backward(q, k, v, beta, saved.gate, h0, cu_seqlens, do, dht, poison=True, saved=saved)
+    for label, a, b in zip("dq dk dv dbeta dg dh0".split(), recomputed, reused):
+        assert (a is None) == (b is None), label
+        if a is not None:
+            assert torch.isfinite(b).all() and torch.equal(a, b), f"{label} differs with the saved tensors"
+
+    leaves = [None if x is None else x.detach().clone().requires_grad_() for x in (q, k, v, beta, g, h0)]
+    with record_launches() as launched:
+        out, _ = chunk_delta(*leaves, cu_seqlens, output_final_state=True)
+        forward = list(launched)
+        launched.clear()
+        out.backward(torch.randn_like(out))
+    assert forward and launched, "no kernel launch was recorded"
+    assert not any(n.endswith("gate_cumsum") for n in launched), launched
+    assert any(n.endswith("_intra_scores") for n in launched) == (not channel), launched
+
+
+def test_saved_tensors_must_fit_the_backward():
+    case = Case("channel", T=64, K=16, V=16)
+    q, k, v, beta, g, h0, _ = make_inputs(case)
+    module = ChunkDeltaFunction.module_for(DeltaKernelSpec("delta", "channel"))
+    o, _, saved = module.forward(q, k, v, beta, g, h0, None, False, keep=True, chunk_size=32)
+    do = torch.randn_like(o)
+    with pytest.raises(ValueError, match="chunk size 32, this backward runs with 64"):
+        module.backward(q, k, v, beta, g, h0, None, do, None, saved=saved)
+    with pytest.raises(ValueError, match=r"saved.gate: expected the cumulated g of shape \(1, 64, 2, 16\)"):
+        module.backward(q, k, v, beta, g, h0, None, do, None, chunk_size=32, saved=saved._replace(gate=g[:, :32]))
+    with pytest.raises(ValueError, match="saved.kk_scores, saved.qk_scores: expected the forward's"):
+        module.backward(q, k, v, beta, g, h0, None, do, None, chunk_size=32, saved=saved._replace(kk_scores=None))
+    with pytest.raises(ValueError, match="expected the Saved that forward"):
+        module.backward(q, k, v, beta, g, h0, None, do, None, chunk_size=32, saved=tuple(saved))

@@ -670,3 +670,65 @@ def test_gate_gradient_when_every_token_decays_strongly(gate, exclusive):
     weight, ref_weight = (grads[3].double() * g).sum(tokens), (ref_grads[3] * g.double()).sum(tokens)
     assert rel_rms(grads[3], ref_grads[3]) <= FP32_TOLERANCE, rel_rms(grads[3], ref_grads[3])
     assert rel_rms(weight, ref_weight) <= 1e-3, rel_rms(weight, ref_weight)
+
+
+@pytest.mark.parametrize("case", [Case("channel", T=100, K=32, V=16),
+                                  Case("channel", vgate=True, exclusive=True, T=104, seqlens=(23, 80, 1)),
+                                  Case("scalar", T=100, K=16, V=32),
+                                  Case("none", vgate=True, T=40, K=16, V=16)], ids=str)
+def test_backward_reuses_the_forwards_cumulated_gates_and_scores(case, record_launches):
+    """forward(keep=True) hands the backward its cumulated gates and (per-channel K-side or
+    V-side gate) its intra-chunk scores: the gradients are those of a backward that computes
+    them again, bit for bit, and the op's backward launches no cumsum or score kernel for
+    what was kept."""
+    from attnc.runtime.chunk_diag_op import ChunkDiagFunction
+
+    torch.manual_seed(0)
+    q, k, v, g, gv, h0, cu_seqlens = make_inputs(case)
+    module = ChunkDiagFunction.module_for(kernel_spec(q, g, gv, case.exclusive))
+    o, ht, saved = module.forward(q, k, v, g, gv, h0, cu_seqlens, True, poison=True, keep=True)
+    assert (saved.gate is None) == (g is None) and (saved.vgate is None) == (gv is None)
+    per_channel = case.gate == "channel" or case.vgate
+    assert (saved.scores is not None) == per_channel
+    for kept, raw in ((saved.gate, g), (saved.vgate, gv)):
+        if raw is not None and cu_seqlens is None:
+            chunks = [piece.cumsum(1) for piece in raw.split(case.chunk_size, dim=1)]
+            assert torch.allclose(kept, torch.cat(chunks, 1), atol=1e-5), "not the chunk-local cumsum"
+    do, dht = torch.randn_like(o), torch.randn_like(ht)
+    recomputed = module.backward(q, k, v, g, gv, h0, cu_seqlens, do, dht, o=o, poison=True)
+    reused = module.backward(q, k, v, saved.gate, saved.vgate, h0, cu_seqlens, do, dht, o=o, poison=True,
+                             saved=saved)
+    for label, a, b in zip("dq dk dv dg dgv dh0".split(), recomputed, reused):
+        assert (a is None) == (b is None), label
+        if a is not None:
+            assert torch.isfinite(b).all() and torch.equal(a, b), f"{label} differs with the saved tensors"
+
+    # through the op: the kept tensors replace the backward's cumsum and score launches
+    leaves = [None if x is None else x.detach().clone().requires_grad_() for x in (q, k, v, g, gv, h0)]
+    with record_launches() as launched:
+        out, _ = chunk_diag(*leaves, cu_seqlens, exclusive=case.exclusive, output_final_state=True)
+        forward = list(launched)
+        launched.clear()
+        out.backward(torch.randn_like(out))
+    assert forward and launched, "no kernel launch was recorded"
+    assert not any(n.endswith("gate_cumsum") for n in launched), launched
+    assert any(n.endswith("_intra_scores") for n in launched) == (not per_channel), launched
+    assert any(n.endswith("_intra_scores") for n in forward) == per_channel, forward
+
+
+def test_saved_tensors_must_fit_the_backward():
+    from attnc.runtime.chunk_diag_op import ChunkDiagFunction
+
+    case = Case("channel", T=64, K=16, V=16)
+    q, k, v, g, gv, h0, _ = make_inputs(case)
+    module = ChunkDiagFunction.module_for(kernel_spec(q, g, gv, False))
+    o, _, saved = module.forward(q, k, v, g, gv, h0, None, False, keep=True, chunk_size=32)
+    do = torch.randn_like(o)
+    with pytest.raises(ValueError, match="chunk size 32, this backward runs with 64"):
+        module.backward(q, k, v, g, gv, h0, None, do, None, saved=saved)
+    with pytest.raises(ValueError, match=r"saved.gate: expected the cumulated g of shape \(1, 64, 2, 16\)"):
+        module.backward(q, k, v, g, gv, h0, None, do, None, chunk_size=32, saved=saved._replace(gate=g[:, :32]))
+    with pytest.raises(ValueError, match="saved.scores: expected the forward's intra-chunk scores"):
+        module.backward(q, k, v, g, gv, h0, None, do, None, chunk_size=32, saved=saved._replace(scores=None))
+    with pytest.raises(ValueError, match="expected the Saved that forward"):
+        module.backward(q, k, v, g, gv, h0, None, do, None, chunk_size=32, saved=(saved.gate, None, None, 32))

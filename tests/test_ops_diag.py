@@ -84,10 +84,11 @@ def test_strong_decays_stay_finite_and_accurate(backend):
 
 
 def test_forward_saves_no_per_token_state():
-    """The kernels save activations O(T (K + V)) plus chunk states: nothing of size
-    T*K*V or T^2 (the PyTorch chunk path is an oracle and may)."""
+    """The kernels save activations O(T (K + V + C)) (inputs, cumulated gates, the intra-chunk
+    scores of a per-channel gate: C = 64 per token): nothing of size T*K*V or T^2 (the
+    PyTorch chunk path is an oracle and may)."""
     op = attnc.load("gla")
-    B, T, H, K, V = 1, 512, 1, 16, 16
+    B, T, H, K, V = 1, 512, 1, 32, 32
     gen = torch.Generator().manual_seed(0)
     args = {n: torch.randn(B, T, H, K if n != "v" else V, generator=gen).requires_grad_()
             for n in ("q", "k", "v", "g")}
@@ -99,9 +100,8 @@ def test_forward_saves_no_per_token_state():
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         o, _ = op(**args, backend="triton")
-    per_token_state = B * T * H * K * V
-    assert sizes and max(sizes) < per_token_state / 4, sorted(sizes)[-5:]
-    assert max(sizes) < T * T
+    assert sizes and max(sizes) <= B * T * H * max(K, V, 64), sorted(sizes)[-5:]
+    assert max(sizes) < B * T * H * K * V / 8 and max(sizes) < T * T / 4
 
 
 def test_bad_arguments_raise_value_errors():
