@@ -31,12 +31,18 @@ class DiagKernelSpec:
     gate: the K-side log gate g: "none", "scalar" (one per token and head) or "channel".
     vgate: whether a per-channel V-side log gate gv exists.
     exclusive: read out before the update, o_t = q_t^T S_{t-1}.
+    gate_map, gate_map_grad: "" or, with a per-channel gate, Triton code of the log gate as
+    a function of `x`, the raw input the launchers then take as g, and of its derivative
+    (gla: "_logsigmoid(x) / 16.0", "_sigmoid(-x) / 16.0"). The kernels map g as they load
+    it, so no pass writes the log gate (codegen/plan.py, ChunkCall.gate_input).
     """
 
     name: str
     gate: str = "none"
     vgate: bool = False
     exclusive: bool = False
+    gate_map: str = ""
+    gate_map_grad: str = ""
 
     def __post_init__(self):
         self.check()
@@ -49,12 +55,18 @@ class DiagKernelSpec:
             raise ValueError(f"DiagKernelSpec.gate={self.gate!r}: expected one of {', '.join(GATE_KINDS)}")
         if not isinstance(self.vgate, bool) or not isinstance(self.exclusive, bool):
             raise ValueError("DiagKernelSpec.vgate and .exclusive must be bools")
+        if not isinstance(self.gate_map, str) or not isinstance(self.gate_map_grad, str) \
+                or bool(self.gate_map) != bool(self.gate_map_grad):
+            raise ValueError("DiagKernelSpec.gate_map and .gate_map_grad: both Triton code of `x`, or both empty")
+        if self.gate_map and self.gate != "channel":
+            raise ValueError(f"DiagKernelSpec.gate_map is for per-channel gates; gate={self.gate!r}")
 
 
 def render(spec: DiagKernelSpec) -> str:
     """Source of a module with the forward/backward kernels and launchers for `spec`."""
     template = environment().get_template("chunk_diag.py.jinja")
-    return template.render(name=spec.name, gate=spec.gate, vgate=spec.vgate, exclusive=spec.exclusive)
+    return template.render(name=spec.name, gate=spec.gate, vgate=spec.vgate, exclusive=spec.exclusive,
+                           gate_map=spec.gate_map, gate_map_grad=spec.gate_map_grad)
 
 
 # ---------------------------------------------------------------------------------------

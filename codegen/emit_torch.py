@@ -106,6 +106,8 @@ def elementwise_parts(plan: ChunkPlan) -> ElementwiseParts:
         names = {}
         for role in ("query", "key", "value", "beta", "log_gate", "log_gate_v", "key_scale"):
             expr = getattr(call, role)
+            if role == "log_gate" and call.gate_input is not None:
+                expr = None  # the chunk kernels compute it from the raw input
             names[role] = None if expr is None else f"{prefix}_{role}"
             if expr is not None:
                 operands.append((names[role], expr.xreplace(rename)))
@@ -164,7 +166,8 @@ def emit_plan(plan: ChunkPlan, version: str) -> str:
             "value": f'per_token(ops["{names["value"]}"], shape)',
             "query": (f'per_token(ops["{names["query"]}"], shape)' if names["query"]
                       else f"torch.zeros_like({key})"),
-            "log_gate": _gate_arg(names["log_gate"], call.gate),
+            "log_gate": (f'per_token(values["{call.gate_input}"], shape)' if call.gate_input
+                         else _gate_arg(names["log_gate"], call.gate)),
             "log_gate_v": _gate_arg(names["log_gate_v"], "channel"),
             "beta": _gate_arg(names["beta"], "scalar"),
             "key_scale": _gate_arg(names["key_scale"], "scalar"),
@@ -180,8 +183,12 @@ def emit_plan(plan: ChunkPlan, version: str) -> str:
         final_op = "+=" if call.state in seen else "="
         seen.update({call.readout, call.state} if call.gives_final else {call.readout})
         kernel_name = call.kernel_name(spec.name, len(plan.calls))
+        gate_map = call.gate_map()
+        if gate_map is not None:
+            gate_map = dict(var=f"{kernel_name.upper()}_GATE_MAP", triton=gate_map[0], triton_grad=gate_map[1],
+                            torch=gate_map[2], log_gate=str(call.log_gate), input=call.gate_input)
         calls.append({**call_fields, "py": py, "read_op": read_op, "final_op": final_op,
-                      "kernel_name": kernel_name})
+                      "kernel_name": kernel_name, "gate_map": gate_map})
 
     return environment().get_template("plan_torch.py.jinja").render(
         spec_name=spec.name,

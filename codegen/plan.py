@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import sympy as sp
 
 from .analysis import FAMILY, Analysis, LinearReadout, StateForm
-from .symbols import l2norm, normalize
+from .symbols import dot, l2norm, normalize, vsum
 
 
 class NoChunkForm(NotImplementedError):
@@ -64,10 +64,29 @@ class ChunkCall:
     # kernels normalise u's rows as they load them, so no pass writes l2norm(u)
     l2norm_query: bool = False
     l2norm_key: bool = False
+    # diag, per-channel gate: a log gate f(u), f elementwise, u a vector input and nothing
+    # else (gla's logsigmoid(g) / 16): the call passes u and f (`gate_map`), the kernels
+    # compute f(u) as they load u and multiply the gradient by f'(u), so no pass writes the
+    # log gate or reads its gradient. None where the gate is not of that form.
+    gate_input: str | None = None
 
     def kernel_name(self, spec_name: str, n_calls: int) -> str:
         """Generated kernels are named after the spec and the state they compute."""
         return f"{spec_name}_{self.state}" + (f"_{self.index}" if n_calls > 1 else "")
+
+    def gate_map(self) -> tuple[str, str, str] | None:
+        """(Triton code of f, Triton code of f', PyTorch code of f), each a function of `x`,
+        where the call passes a gate input; else None."""
+        if self.gate_input is None:
+            return None
+        from .torch_printer import torch_code
+        from .triton_printer import TritonPrinter
+
+        (u,) = self.log_gate.free_symbols
+        x = sp.Symbol("x", real=True)
+        f = self.log_gate.xreplace({u: x})
+        triton = TritonPrinter(lambda s: s.name, {})
+        return triton.code(f), triton.code(sp.diff(f, x)), torch_code(f)
 
 
 @dataclass(frozen=True)
@@ -248,6 +267,20 @@ def _key_factor(analysis: Analysis, key: sp.Expr) -> tuple[sp.Expr, sp.Expr] | N
     return u, factor
 
 
+def _gate_input(analysis: Analysis, log_gate: sp.Expr) -> str | None:
+    """u's name when `log_gate` is f(u) for a vector input u, f elementwise (no
+    reductions) and made of numbers (gla's logsigmoid(g) / 16); None when it is u itself
+    (nothing to compute) or anything else."""
+    vectors = {i.name for i in analysis.spec.inputs if i.shape}
+    symbols = log_gate.free_symbols
+    if len(symbols) != 1:
+        return None
+    (u,) = symbols
+    if u.name not in vectors or log_gate == u or log_gate.atoms(dot, vsum, l2norm):
+        return None
+    return u.name
+
+
 def _call(index: int, analysis: Analysis, st: StateForm, j: int, term, lr: LinearReadout | None,
           first_read: bool):
     gate = _gate(st)
@@ -261,6 +294,7 @@ def _call(index: int, analysis: Analysis, st: StateForm, j: int, term, lr: Linea
         key=key, value=term.y, key_scale=key_scale,
         log_gate=st.log_gate if gate != "none" else None, gate=gate,
         log_gate_v=st.log_gate_v,
+        gate_input=_gate_input(analysis, st.log_gate) if gate == "channel" else None,
         exclusive=bool(lr and lr.version == "t-1"),
         # every readout of the state sees the initial state (through term 0's recurrence);
         # the final state is summed over the terms of one readout's calls only

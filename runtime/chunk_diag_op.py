@@ -8,19 +8,38 @@ algorithm in plain PyTorch.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 
 from ..codegen.chunk_diag import DiagKernelSpec, chunk_diag_torch, render
 from .kernels import KernelModules, LaunchOptions, check_backend, gate_kind
 
 
-def kernel_spec(q: torch.Tensor, g, gv, exclusive: bool, name: str | None = None) -> DiagKernelSpec:
+@dataclass(frozen=True)
+class GateMap:
+    """A per-channel log gate as an elementwise function f of a raw input x, which the op
+    then takes as g: its kernels compute f(x) as they load x, and its gradient kernel
+    multiplies by f'(x), so no pass writes f(x) or reads its gradient (gla's
+    logsigmoid(x) / 16). A compiled spec's plan builds these (codegen/plan.py)."""
+    triton: str                                        # f, Triton code of `x`
+    triton_grad: str                                   # f', Triton code of `x`
+    torch: Callable[[torch.Tensor], torch.Tensor]      # f on fp32 tensors, for backend="torch"
+
+
+def kernel_spec(q: torch.Tensor, g, gv, exclusive: bool, name: str | None = None,
+                gate_map: GateMap | None = None) -> DiagKernelSpec:
     """The structure a call needs. Kernels are named `name` (a compiled spec passes its
     own, e.g. gla_S) or after the structure (e.g. diag_channel_vgate)."""
     gate = gate_kind(q, g)
+    if gate_map is not None and gate != "channel":
+        raise ValueError(f"gate_map is for per-channel gates [B, T, H, K]; g has shape "
+                         f"{None if g is None else tuple(g.shape)}")
     if name is None:
         name = f"diag_{gate}" + ("_vgate" if gv is not None else "") + ("_exclusive" if exclusive else "")
-    return DiagKernelSpec(name=name, gate=gate, vgate=gv is not None, exclusive=exclusive)
+    mapped = {} if gate_map is None else dict(gate_map=gate_map.triton, gate_map_grad=gate_map.triton_grad)
+    return DiagKernelSpec(name=name, gate=gate, vgate=gv is not None, exclusive=exclusive, **mapped)
 
 
 # rendered and imported modules, one per DiagKernelSpec
@@ -43,9 +62,11 @@ class ChunkDiagFunction(torch.autograd.Function):
                                       residual_scale=residual_scale, key_scale=key_scale, keep=True,
                                       **options.as_kwargs())
         # The backward reuses the forward's cumulated gates (kept instead of the raw gates,
-        # whose shapes and dtypes are all it needs of them) and, with a per-channel gate,
-        # its intra-chunk scores. o is an output anyway; the V-side gate gradient needs it.
-        ctx.save_for_backward(q, k, v, saved.gate, saved.vgate, saved.scores, h0, cu_seqlens,
+        # whose shapes and dtypes are all it needs of them, unless a gate map's derivative
+        # reads the raw input) and, with a per-channel gate, its intra-chunk scores. o is an
+        # output anyway; the V-side gate gradient needs it.
+        ctx.save_for_backward(q, k, v, saved.gate, g if spec.gate_map else None, saved.vgate, saved.scores,
+                              h0, cu_seqlens,
                               o if spec.vgate else None, None if residual is v else residual,
                               residual_scale, key_scale)
         ctx.saved_chunk_size = saved.chunk_size
@@ -60,7 +81,7 @@ class ChunkDiagFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dht):
-        (q, k, v, gate, vgate, scores, h0, cu_seqlens, o, residual, residual_scale,
+        (q, k, v, gate, raw_gate, vgate, scores, h0, cu_seqlens, o, residual, residual_scale,
          key_scale) = ctx.saved_tensors
         nothing = (None,) * 15
         if do is None and dht is None:
@@ -74,7 +95,7 @@ class ChunkDiagFunction(torch.autograd.Function):
             residual = v
         saved = module.Saved(gate, vgate, scores, ctx.saved_chunk_size, *ctx.gate_dtypes)
         # (the cumulated gates stand in for the raw ones, whose shapes they have)
-        grads = module.backward(q, k, v, gate, vgate, h0, cu_seqlens, do, dht, o=o, scale=ctx.scale,
+        grads = module.backward(q, k, v, gate if raw_gate is None else raw_gate, vgate, h0, cu_seqlens, do, dht, o=o, scale=ctx.scale,
                                 residual=residual, residual_scale=residual_scale, key_scale=key_scale,
                                 saved=saved, **ctx.options.as_kwargs())
         g_dtype, gv_dtype = ctx.gate_dtypes
@@ -93,7 +114,7 @@ def chunk_diag(q, k, v, g=None, gv=None, h0=None, cu_seqlens=None, *, exclusive:
                input_precision: str = "tf32", poison: bool | None = None, name: str | None = None,
                config: dict | None = None, scale: float = 1.0, out_dtype: torch.dtype | None = None,
                residual: torch.Tensor | None = None, residual_scale=None,
-               key_scale: torch.Tensor | None = None):
+               key_scale: torch.Tensor | None = None, gate_map: GateMap | None = None):
     """(o, ht) of S_t = diag(exp(g_t)) S_{t-1} diag(exp(gv_t)) + k_t v_t^T, o_t = q_t^T S_t
     (o_t = q_t^T S_{t-1} when `exclusive`).
 
@@ -118,15 +139,20 @@ def chunk_diag(q, k, v, g=None, gv=None, h0=None, cu_seqlens=None, *, exclusive:
     both.
     key_scale: None or [B, T, H], a per-token factor of the keys (the recurrence's k_t is
     key_scale_t * k_t; mamba2's B * delta), which the kernels apply as they load k instead
-    of a pass writing the product; not with per-channel gates. Gradients flow to it."""
+    of a pass writing the product; not with per-channel gates. Gradients flow to it.
+    gate_map: None or a GateMap f: g is then a raw input x ([B, T, H, K], any float dtype)
+    and the K-side log gate is f(x), which the kernels compute as they load x; the
+    gradient flows to x."""
     check_backend(backend, input_precision)
-    spec = kernel_spec(q, g, gv, exclusive, name)
+    spec = kernel_spec(q, g, gv, exclusive, name, gate_map)
     if residual is not None:
         residual_scale = _residual_scale(residual_scale, v)
         residual = residual.to(q.dtype)
     if backend == "torch":
         if key_scale is not None:
             k = (k.float() * key_scale.float()[..., None]).to(k.dtype)
+        if gate_map is not None:
+            g = gate_map.torch(g.float())
         o, ht = chunk_diag_torch(q, k, v, g, gv, h0, cu_seqlens, exclusive, output_final_state, chunk_size)
         o = o * scale
         if residual is not None:

@@ -284,9 +284,11 @@ class CompiledOp:
             if call.kind == "delta":
                 kernel = chunk_delta.DeltaKernelSpec(name=name, gate=call.gate)
             else:
+                gate_map = call.gate_map()
+                mapped = {} if gate_map is None else dict(gate_map=gate_map[0], gate_map_grad=gate_map[1])
                 kernel = chunk_diag.DiagKernelSpec(name=name, gate=call.gate,
                                                    vgate=call.log_gate_v is not None,
-                                                   exclusive=call.exclusive)
+                                                   exclusive=call.exclusive, **mapped)
             kernels.append((call, kernel))
         return kernels
 

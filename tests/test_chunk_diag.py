@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from attnc.codegen.chunk_diag import DiagKernelSpec, chunk_diag_torch, render
-from attnc.runtime.chunk_diag_op import chunk_diag, kernel_spec
+from attnc.runtime.chunk_diag_op import GateMap, chunk_diag, kernel_spec
 from attnc.runtime.loader import load_module
 
 FP32_TOLERANCE = 1e-4
@@ -515,6 +515,53 @@ def test_scale_with_a_v_side_gate_is_refused():
     with pytest.raises(ValueError, match="V-side gate"):
         chunk_diag(q, k, v, g, gv, h0, cu, exclusive=False, output_final_state=False, scale=0.5)
 
+
+LOGSIGMOID_16 = GateMap("_logsigmoid(x) / 16.0", "_sigmoid(-x) / 16.0", lambda x: F.logsigmoid(x) / 16)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("exclusive, seqlens, fused", [(False, None, 1), (True, (23, 1, 46), None),
+                                                       (False, (23, 1, 46), 0)])
+def test_gate_map_is_applied_by_the_kernels(backend, exclusive, seqlens, fused):
+    """g a raw input x and the log gate f(x) (gla's logsigmoid(x) / 16): the cumsum kernel
+    maps x as it loads it and the gate-gradient kernel multiplies by f'(x). Values and the
+    gradients of every input, x's included, against the recurrence on f(x) in fp64."""
+    torch.manual_seed(11)
+    case = Case("channel", T=70, K=32, V=16, H=2, B=1 if seqlens else 2, seqlens=seqlens, exclusive=exclusive)
+    q, k, v, _, _, h0, cu_seqlens = make_inputs(case)
+    x = (torch.randn(*q.shape) * 3).to(DEVICE)
+    do = torch.randn(*v.shape).double()
+    dht = torch.randn(*h0.shape, dtype=torch.float64)
+    config = None if fused is None else {"fused_forward": fused}
+
+    def grads_of(run, dtype):
+        leaves = [t.to(dtype).detach().requires_grad_() for t in (q, k, v, x, h0)]
+        o, ht = run(*leaves)
+        loss = (o.double() * do).sum() + (ht.double() * dht).sum()
+        return o, ht, torch.autograd.grad(loss, leaves)
+
+    def mapped(q, k, v, x, h0):
+        return chunk_diag(q, k, v, x, None, h0, cu_seqlens, exclusive=exclusive, output_final_state=True,
+                          input_precision="ieee", poison=True, config=config, backend=backend,
+                          gate_map=LOGSIGMOID_16)
+
+    def reference(q, k, v, x, h0):
+        return naive_recurrence(q, k, v, F.logsigmoid(x) / 16, None, h0, cu_seqlens, exclusive)
+
+    o, ht, grads = grads_of(mapped, torch.float32)
+    ref_o, ref_ht, ref_grads = grads_of(reference, torch.float64)
+    assert rel_rms(o, ref_o) <= FP32_TOLERANCE and rel_rms(ht, ref_ht) <= FP32_TOLERANCE
+    for label, grad, ref in zip("qkvxh", grads, ref_grads):
+        assert rel_rms(grad, ref) <= FP32_TOLERANCE, f"d{label}: {rel_rms(grad, ref):.2e}"
+
+
+def test_gate_map_is_checked():
+    q, k, v, g, gv, h0, cu_seqlens = make_inputs(Case("scalar", T=20, K=16, V=16))
+    with pytest.raises(ValueError, match="gate_map is for per-channel gates"):
+        chunk_diag(q, k, v, g, gv, h0, cu_seqlens, exclusive=False, output_final_state=False,
+                   gate_map=LOGSIGMOID_16)
+    with pytest.raises(ValueError, match="gate_map and .gate_map_grad"):
+        DiagKernelSpec("gla", "channel", gate_map="_logsigmoid(x)")
 
 # On a GPU the chunk states and their gradients are stored in the dtype the kernels' dots
 # round them to (bf16 here). The interpreter's dots are fp32, so it keeps them fp32; this

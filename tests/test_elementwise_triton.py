@@ -187,18 +187,45 @@ def test_gqa_heads_and_strided_tensors(name, layout):
 
 def test_plan_runs_the_fused_parts_on_triton():
     """The fused modules ride in the op's sources beside the plan, are named after the
-    spec, and the plan picks them by backend. (gla: its prologue computes the log gate,
-    so it has a backward kernel too.)"""
-    op = attnc.load("gla")
+    spec, and the plan picks them by backend. (hgrn2: its prologue computes the key
+    1 - sigmoid(f), so it has a backward kernel too.)"""
+    op = attnc.load("hgrn2")
     files = op.sources()
-    assert {"gla_prologue.py", "gla_epilogue.py"} <= set(files)
-    assert "def gla_prologue_fwd(" in files["gla_prologue.py"]
-    assert "def gla_prologue_bwd(" in files["gla_prologue.py"]
+    assert {"hgrn2_prologue.py", "hgrn2_epilogue.py"} <= set(files)
+    assert "def hgrn2_prologue_fwd(" in files["hgrn2_prologue.py"]
+    assert "def hgrn2_prologue_bwd(" in files["hgrn2_prologue.py"]
     plan = op.plan_module()
     assert plan.elementwise("torch") == (plan.Prologue, plan.Epilogue)
     fused = plan.elementwise("triton")
-    assert [f.__module__.split("_")[2:4] for f in fused] == [["gla", "prologue"], ["gla", "epilogue"]]
-    assert emit_elementwise(plan_chunks(op.analysis)).keys() == {"gla_prologue", "gla_epilogue"}
+    assert [f.__module__.split("_")[2:4] for f in fused] == [["hgrn2", "prologue"], ["hgrn2", "epilogue"]]
+    assert emit_elementwise(plan_chunks(op.analysis)).keys() == {"hgrn2_prologue", "hgrn2_epilogue"}
+
+
+@pytest.mark.parametrize("name, gate_input, forward, derivative", [
+    ("gla", "g", "_logsigmoid(x) / 16.0", "_sigmoid(-x) / 16.0"),
+    ("rwkv6", "w", "-tl.exp(x)", "-tl.exp(x)"),
+    ("hgrn2", "f", "_logsigmoid(x)", "_sigmoid(-x)"),
+    ("kda", None, None, None),      # the log gate is the input g itself: nothing to compute
+    ("mamba2", None, None, None),   # a scalar gate of several inputs and weights
+])
+def test_a_per_channel_gate_of_one_input_is_computed_by_the_chunk_kernels(name, gate_input, forward,
+                                                                         derivative):
+    """A per-channel log gate f(u) of one input u: the chunk call takes u with a GateMap
+    (f and f' in Triton, f' from sympy), so the prologue writes no log gate, and the
+    kernel module computes f as it cumulates u and f' in the gate gradient."""
+    op = attnc.load(name)
+    (call,) = plan_chunks(op.analysis).calls
+    assert call.gate_input == gate_input
+    sources = op.sources()
+    kernels = sources[f"{name}_S_kernels.py"]
+    if gate_input is None:
+        assert call.gate_map() is None and "gate_map=" not in sources[f"{name}_plan.py"]
+        assert "def _log_gate(" not in kernels
+        return
+    assert call.gate_map()[:2] == (forward, derivative)
+    assert f"gate_map={name.upper()}_S_GATE_MAP" in sources[f"{name}_plan.py"]
+    assert f"return {forward}\n" in kernels and f"return {derivative}\n" in kernels
+    assert "S_log_gate" not in sources[f"{name}_prologue.py"]
 
 
 def test_delta_kernels_normalise_q_and_k_themselves():
