@@ -464,6 +464,34 @@ def test_kernels_normalise_q_and_k_as_they_load_them(case):
                 assert err <= tolerance, f"fused_forward={fused}: d{name} {err:.2e}"
 
 
+@pytest.mark.parametrize("case", [Case("none", T=100, K=32, V=16), Case("scalar", T=104, H=1, seqlens=(80, 23, 1)),
+                                  Case("scalar", T=70, K=80, V=16, chunk_size=32)], ids=str)
+def test_forward_computes_the_key_norms_in_its_first_kernel(case, record_launches):
+    """l2norm_k: 1 / ||k|| comes from intra_scores, which reads k anyway, and not from a
+    pass of its own: the values inverse_norms computes (to rounding: summed over K blocks),
+    for every token (poisoned buffers), handed to the backward in Saved.k_norm; the op
+    launches inverse_norms for q only."""
+    torch.manual_seed(3)
+    q, k, v, beta, g, h0, cu_seqlens = make_inputs(case)
+    k = 2 * torch.randn(k.shape, device=k.device)
+    module = ChunkDeltaFunction.module_for(DeltaKernelSpec("delta", case.gate))
+    o, _, saved = module.forward(q, k, v, beta, g, h0, cu_seqlens, False, chunk_size=case.chunk_size,
+                                 poison=True, keep=True, l2norm_k=True)
+    expected = module.inverse_norms(k)
+    assert torch.isfinite(saved.k_norm).all() and torch.allclose(saved.k_norm, expected, rtol=1e-6)
+    given, _ = module.forward(q, k, v, beta, g, h0, cu_seqlens, False, chunk_size=case.chunk_size,
+                              poison=True, k_norm=expected)
+    assert rel_rms(o, given) <= 1e-6
+    with pytest.raises(ValueError, match="computes k_norm itself"):
+        module.forward(q, k, v, beta, g, h0, cu_seqlens, False, k_norm=expected, l2norm_k=True)
+
+    leaves = [None if x is None else x.detach().clone().requires_grad_() for x in (q, k, v, beta, g, h0)]
+    with record_launches() as launched:
+        out, _ = chunk_delta(*leaves, cu_seqlens, output_final_state=False, chunk_size=case.chunk_size,
+                             l2norm_q=True, l2norm_k=True)
+    assert [n for n in launched if n.endswith("inverse_norms")] == ["delta_inverse_norms"], launched
+
+
 def test_inverse_norms_are_checked():
     module = ChunkDeltaFunction.module_for(DeltaKernelSpec("delta", "scalar"))
     q, k, v, beta, g, h0, cu = make_inputs(Case("scalar", T=20, K=16, V=16))
