@@ -508,10 +508,10 @@ def test_inverse_norms_are_checked():
 @pytest.mark.parametrize("case", [Case("channel", T=100, K=32, V=16), Case("channel", T=104, H=1, seqlens=(1, 80, 23)),
                                   Case("scalar", T=100, K=16, V=32), Case("none", T=40, K=16, V=16)], ids=str)
 def test_backward_reuses_the_forwards_cumulated_gate_and_scores(case, record_launches):
-    """forward(keep=True) hands the backward its cumulated gate and (per-channel gate) its
-    intra-chunk scores: the gradients are those of a backward that computes them again, bit
-    for bit, and the op's backward launches no cumsum, nor a scores kernel for a
-    per-channel gate."""
+    """forward(keep=True) hands the backward its cumulated gate, each chunk's inverse and
+    (per-channel gate) its intra-chunk scores: the gradients are those of a backward that
+    computes them again, bit for bit, the backward uses the inverse it is given, and the
+    op's backward launches no cumsum, nor a scores kernel for a per-channel gate."""
     torch.manual_seed(0)
     q, k, v, beta, g, h0, cu_seqlens = make_inputs(case)
     module = ChunkDeltaFunction.module_for(DeltaKernelSpec("delta", case.gate))
@@ -522,6 +522,7 @@ def test_backward_reuses_the_forwards_cumulated_gate_and_scores(case, record_lau
     if g is not None and cu_seqlens is None:
         chunks = [piece.cumsum(1) for piece in g.split(case.chunk_size, dim=1)]
         assert torch.allclose(saved.gate, torch.cat(chunks, 1), atol=1e-5), "not the chunk-local cumsum"
+    assert saved.inverse is not None and torch.isfinite(saved.inverse).all()
     do, dht = torch.randn_like(o), torch.randn_like(ht)
     recomputed = module.backward(q, k, v, beta, g, h0, cu_seqlens, do, dht, poison=True)
     reused = module.backward(q, k, v, beta, saved.gate, h0, cu_seqlens, do, dht, poison=True, saved=saved)
@@ -529,6 +530,10 @@ def test_backward_reuses_the_forwards_cumulated_gate_and_scores(case, record_lau
         assert (a is None) == (b is None), label
         if a is not None:
             assert torch.isfinite(b).all() and torch.equal(a, b), f"{label} differs with the saved tensors"
+    # the backward takes the forward's inverse instead of solving again: another Z, other gradients
+    other = saved._replace(inverse=saved.inverse * 0.5)
+    changed = module.backward(q, k, v, beta, saved.gate, h0, cu_seqlens, do, dht, saved=other)
+    assert not torch.allclose(changed[2], reused[2]), "the saved inverse was not used"
 
     leaves = [None if x is None else x.detach().clone().requires_grad_() for x in (q, k, v, beta, g, h0)]
     with record_launches() as launched:
@@ -551,6 +556,9 @@ def test_saved_tensors_must_fit_the_backward():
         module.backward(q, k, v, beta, g, h0, None, do, None, saved=saved)
     with pytest.raises(ValueError, match=r"saved.gate: expected the cumulated g of shape \(1, 64, 2, 16\)"):
         module.backward(q, k, v, beta, g, h0, None, do, None, chunk_size=32, saved=saved._replace(gate=g[:, :32]))
+    with pytest.raises(ValueError, match=r"saved.inverse: expected the forward's \[B, T, H, chunk_size\] = \(1, 64, 2, 32\)"):
+        module.backward(q, k, v, beta, g, h0, None, do, None, chunk_size=32,
+                        saved=saved._replace(inverse=saved.inverse[:, :32]))
     with pytest.raises(ValueError, match="saved.kk_scores, saved.qk_scores: expected the forward's"):
         module.backward(q, k, v, beta, g, h0, None, do, None, chunk_size=32, saved=saved._replace(kk_scores=None))
     with pytest.raises(ValueError, match="expected the Saved that forward"):
