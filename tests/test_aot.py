@@ -30,10 +30,12 @@ def test_trace_records_the_gpu_launches_of_forward_backward_and_step():
     trace = record(op, B=1, T=64, H=2, dims={"K": 32, "V": 32}, dtype=torch.bfloat16)
     assert KernelInterface.__getitem__ is launch_as_defined      # restored
     assert not kernels._AS_ON_GPU.get()                          # restored
-    # the gate cumsum computes logsigmoid(g) / 16 itself: no prologue; o = scale * q S: no
-    # epilogue (too few sequences x heads to fill an H100 in one pass: states through memory)
+    # the scores kernel cumulates logsigmoid(g) / 16 itself: no prologue, no cumsum pass;
+    # o = scale * q S: no epilogue (too few sequences x heads to fill an H100 in one pass:
+    # states through memory)
     assert [k.name for k in trace.launches("forward")] == [
-        "gla_S_gate_cumsum", "gla_S_intra_scores", "gla_S_chunk_state_fwd", "gla_S_chunk_output_fwd"]
+        "gla_S_intra_scores", "gla_S_chunk_state_fwd", "gla_S_chunk_output_fwd"]
+    assert trace.launches("forward")[0].arguments["CUMULATE"] is True
     backward = [k.name for k in trace.launches("backward")]
     assert {"gla_S_chunk_state_bwd", "gla_S_chunk_dqdk", "gla_S_chunk_dv", "gla_S_gate_grad"} <= set(backward)
     assert not [name for name in backward if "prologue" in name], backward

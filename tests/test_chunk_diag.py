@@ -761,6 +761,8 @@ def test_backward_reuses_the_forwards_cumulated_gates_and_scores(case, record_la
     assert not any(n.endswith("gate_cumsum") for n in launched), launched
     assert any(n.endswith("_intra_scores") for n in launched) == (not per_channel), launched
     assert any(n.endswith("_intra_scores") for n in forward) == per_channel, forward
+    # the scores kernel cumulates a per-channel K-side gate first: no cumsum launch of its own
+    assert any(n.endswith("_gate_cumsum") for n in forward) == (case.gate == "scalar"), forward
 
 
 def test_saved_tensors_must_fit_the_backward():
