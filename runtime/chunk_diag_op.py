@@ -66,8 +66,7 @@ class ChunkDiagFunction(torch.autograd.Function):
         # reads the raw input) and, with a per-channel gate, its intra-chunk scores. o is an
         # output anyway; the V-side gate gradient needs it.
         ctx.save_for_backward(q, k, v, saved.gate, g if spec.gate_map else None, saved.vgate, saved.scores,
-                              h0, cu_seqlens,
-                              o if spec.vgate else None, None if residual is v else residual,
+                              h0, cu_seqlens, o if spec.vgate else None, None if residual is v else residual,
                               residual_scale, key_scale)
         ctx.saved_chunk_size = saved.chunk_size
         ctx.gate_dtypes = (None if g is None else g.dtype, None if gv is None else gv.dtype)
@@ -94,8 +93,10 @@ class ChunkDiagFunction(torch.autograd.Function):
         if ctx.residual_is_v:
             residual = v
         saved = module.Saved(gate, vgate, scores, ctx.saved_chunk_size, *ctx.gate_dtypes)
-        # (the cumulated gates stand in for the raw ones, whose shapes they have)
-        grads = module.backward(q, k, v, gate if raw_gate is None else raw_gate, vgate, h0, cu_seqlens, do, dht, o=o, scale=ctx.scale,
+        # the cumulated gates stand in for the raw ones, whose shapes they have, except where a
+        # gate map's derivative reads the raw input
+        g = gate if raw_gate is None else raw_gate
+        grads = module.backward(q, k, v, g, vgate, h0, cu_seqlens, do, dht, o=o, scale=ctx.scale,
                                 residual=residual, residual_scale=residual_scale, key_scale=key_scale,
                                 saved=saved, **ctx.options.as_kwargs())
         g_dtype, gv_dtype = ctx.gate_dtypes
