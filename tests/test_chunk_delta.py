@@ -427,7 +427,9 @@ def _l2norm_fp64(x):
 # q and k drawn raw (not normalised) so that the kernels' own normalisation matters
 L2NORM_CASES = [Case("none", T=100, K=32, V=16), Case("scalar", T=100, K=48, V=16, chunk_size=32),
                 Case("scalar", T=104, H=1, seqlens=(80, 23, 1)), Case("channel", T=40, K=16, V=32),
-                Case("scalar", T=100, K=32, V=16, dtype=torch.bfloat16)]
+                Case("scalar", T=100, K=32, V=16, dtype=torch.bfloat16),
+                # wider than RAW_GRADS_MAX_K: l2norm's backward in passes of its own
+                Case("none", T=40, K=160, V=16, chunk_size=32)]
 
 
 @pytest.mark.parametrize("case", L2NORM_CASES, ids=str)
@@ -490,6 +492,23 @@ def test_forward_computes_the_key_norms_in_its_first_kernel(case, record_launche
         out, _ = chunk_delta(*leaves, cu_seqlens, output_final_state=False, chunk_size=case.chunk_size,
                              l2norm_q=True, l2norm_k=True)
     assert [n for n in launched if n.endswith("inverse_norms")] == ["delta_inverse_norms"], launched
+
+
+@pytest.mark.parametrize("K", [48, 160])
+def test_raw_gradients_come_from_the_last_kernel_when_rows_fit(K, record_launches):
+    """With K <= RAW_GRADS_MAX_K, chunk_bwd_intra holds whole rows and stores the raw q's
+    and k's gradients itself; wider keys take an l2norm_bwd pass for each. (Values:
+    test_kernels_normalise_q_and_k_as_they_load_them.)"""
+    module = ChunkDeltaFunction.module_for(DeltaKernelSpec("delta", "scalar"))
+    assert 48 <= module.RAW_GRADS_MAX_K < 160
+    q, k, v, beta, g, h0, cu_seqlens = make_inputs(Case("scalar", T=40, K=K, V=16, chunk_size=32))
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, beta, g, h0)]
+    out, _ = chunk_delta(*leaves, cu_seqlens, output_final_state=False, chunk_size=32, l2norm_q=True,
+                         l2norm_k=True)
+    with record_launches() as launched:
+        out.backward(torch.randn_like(out))
+    assert launched[-1 if K <= 128 else -3].endswith("chunk_bwd_intra"), launched
+    assert sum(n.endswith("l2norm_bwd") for n in launched) == (0 if K <= 128 else 2), launched
 
 
 def test_inverse_norms_are_checked():
