@@ -33,12 +33,11 @@ class ChunkDeltaFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, beta, g, h0, cu_seqlens, spec, output_final_state, options, scale,
                 out_dtype, l2norm_q, l2norm_k):
         module = ChunkDeltaFunction.module_for(spec)
-        # 1 / ||k|| comes from the forward's first kernel that reads k; q's from a pass
-        q_norm = module.inverse_norms(q) if l2norm_q else None
+        # 1 / ||k|| and 1 / ||q|| come from the forward's first kernels that read k and q
         o, ht, saved = module.forward(q, k, v, beta, g, h0, cu_seqlens, output_final_state,
-                                      scale=scale, out_dtype=out_dtype, q_norm=q_norm, l2norm_k=l2norm_k,
+                                      scale=scale, out_dtype=out_dtype, l2norm_q=l2norm_q, l2norm_k=l2norm_k,
                                       keep=True, **options.as_kwargs())
-        k_norm = saved.k_norm
+        q_norm, k_norm = saved.q_norm, saved.k_norm
         # (the cumulated gate stands in for the raw one, of which the backward needs only
         # the shape and dtype)
         ctx.save_for_backward(q, k, v, beta, saved.gate, saved.kk_scores, saved.qk_scores, saved.inverse, h0,

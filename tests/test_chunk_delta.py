@@ -468,47 +468,38 @@ def test_kernels_normalise_q_and_k_as_they_load_them(case):
 
 @pytest.mark.parametrize("case", [Case("none", T=100, K=32, V=16), Case("scalar", T=104, H=1, seqlens=(80, 23, 1)),
                                   Case("scalar", T=70, K=80, V=16, chunk_size=32)], ids=str)
-def test_forward_computes_the_key_norms_in_its_first_kernel(case, record_launches):
-    """l2norm_k: 1 / ||k|| comes from intra_scores, which reads k anyway, and not from a
-    pass of its own: the values inverse_norms computes (to rounding: summed over K blocks),
-    for every token (poisoned buffers), handed to the backward in Saved.k_norm; the op
-    launches inverse_norms for q only."""
+@pytest.mark.parametrize("fused", [0, 1])
+def test_forward_computes_the_norms_in_the_first_kernels_that_read_q_and_k(case, fused, record_launches):
+    """l2norm_k / l2norm_q: 1 / ||k|| comes from intra_scores and 1 / ||q|| from the output
+    kernel (the one pass, or chunk_output_fwd: fused_forward 1 / 0), which read k and q
+    anyway, and not from passes of their own: the values inverse_norms computes (to
+    rounding: summed over K blocks), for every token (poisoned buffers), handed to the
+    backward in Saved; the op launches no inverse_norms."""
     torch.manual_seed(3)
     q, k, v, beta, g, h0, cu_seqlens = make_inputs(case)
+    q = 3 * torch.randn(q.shape, device=q.device)
     k = 2 * torch.randn(k.shape, device=k.device)
     module = ChunkDeltaFunction.module_for(DeltaKernelSpec("delta", case.gate))
+    config = {"fused_forward": fused}
     o, _, saved = module.forward(q, k, v, beta, g, h0, cu_seqlens, False, chunk_size=case.chunk_size,
-                                 poison=True, keep=True, l2norm_k=True)
-    expected = module.inverse_norms(k)
-    assert torch.isfinite(saved.k_norm).all() and torch.allclose(saved.k_norm, expected, rtol=1e-6)
-    given, _ = module.forward(q, k, v, beta, g, h0, cu_seqlens, False, chunk_size=case.chunk_size,
-                              poison=True, k_norm=expected)
+                                 poison=True, keep=True, l2norm_q=True, l2norm_k=True, config=config)
+    for name, x, norm in (("k", k, saved.k_norm), ("q", q, saved.q_norm)):
+        expected = module.inverse_norms(x)
+        assert torch.isfinite(norm).all() and torch.allclose(norm, expected, rtol=1e-6), name
+    given, _ = module.forward(q, k, v, beta, g, h0, cu_seqlens, False, chunk_size=case.chunk_size, poison=True,
+                              q_norm=module.inverse_norms(q), k_norm=module.inverse_norms(k), config=config)
     assert rel_rms(o, given) <= 1e-6
-    with pytest.raises(ValueError, match="computes k_norm itself"):
-        module.forward(q, k, v, beta, g, h0, cu_seqlens, False, k_norm=expected, l2norm_k=True)
+    for name in "qk":
+        with pytest.raises(ValueError, match=f"computes {name}_norm itself"):
+            module.forward(q, k, v, beta, g, h0, cu_seqlens, False, **{f"{name}_norm": saved.k_norm,
+                                                                     f"l2norm_{name}": True})
 
     leaves = [None if x is None else x.detach().clone().requires_grad_() for x in (q, k, v, beta, g, h0)]
     with record_launches() as launched:
         out, _ = chunk_delta(*leaves, cu_seqlens, output_final_state=False, chunk_size=case.chunk_size,
-                             l2norm_q=True, l2norm_k=True)
-    assert [n for n in launched if n.endswith("inverse_norms")] == ["delta_inverse_norms"], launched
-
-
-@pytest.mark.parametrize("K", [48, 160])
-def test_raw_gradients_come_from_the_last_kernel_when_rows_fit(K, record_launches):
-    """With K <= RAW_GRADS_MAX_K, chunk_bwd_intra holds whole rows and stores the raw q's
-    and k's gradients itself; wider keys take an l2norm_bwd pass for each. (Values:
-    test_kernels_normalise_q_and_k_as_they_load_them.)"""
-    module = ChunkDeltaFunction.module_for(DeltaKernelSpec("delta", "scalar"))
-    assert 48 <= module.RAW_GRADS_MAX_K < 160
-    q, k, v, beta, g, h0, cu_seqlens = make_inputs(Case("scalar", T=40, K=K, V=16, chunk_size=32))
-    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, beta, g, h0)]
-    out, _ = chunk_delta(*leaves, cu_seqlens, output_final_state=False, chunk_size=32, l2norm_q=True,
-                         l2norm_k=True)
-    with record_launches() as launched:
+                             l2norm_q=True, l2norm_k=True, config=config)
         out.backward(torch.randn_like(out))
-    assert launched[-1 if K <= 128 else -3].endswith("chunk_bwd_intra"), launched
-    assert sum(n.endswith("l2norm_bwd") for n in launched) == (0 if K <= 128 else 2), launched
+    assert launched and not any(n.endswith("inverse_norms") for n in launched), launched
 
 
 def test_inverse_norms_are_checked():
