@@ -55,15 +55,15 @@ def test_trace_records_the_gpu_launches_of_forward_backward_and_step():
 def test_only_the_state_passes_run_sequentially_over_chunks(name):
     """At B = 1 and long T only the passes that carry a state from chunk to chunk may have a
     grid without a program per chunk (a gate gradient over the whole sequence would leave
-    most of a GPU idle): the gate gradient and its carries (each chunk's <S, dS>) are
-    chunk-parallel."""
+    most of a GPU idle): the gate gradient and the dq / dk kernel, which computes its
+    carries (each chunk's <S, dS>), are chunk-parallel."""
     op = attnc.load(name)
     T, chunk = 512, 64
     trace = record(op, B=1, T=T, H=2, dims={"K": 32, "V": 32}, dtype=torch.bfloat16, step=False)
     sequential = {k.name for k in trace.launches() if k.grid[0] * (k.grid[1] if len(k.grid) > 1 else 1)
                   * (k.grid[2] if len(k.grid) > 2 else 1) < T // chunk}
     assert sequential == {f"{name}_S_chunk_state_fwd", f"{name}_S_chunk_state_bwd"}, sequential
-    for kernel in (f"{name}_S_gate_grad", f"{name}_S_gate_carries"):
+    for kernel in (f"{name}_S_gate_grad", f"{name}_S_chunk_dqdk"):
         launch = next(k for k in trace.launches("backward") if k.name == kernel)
         assert T // chunk in launch.grid, (kernel, launch.grid)
 

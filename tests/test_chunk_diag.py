@@ -765,6 +765,25 @@ def test_backward_reuses_the_forwards_cumulated_gates_and_scores(case, record_la
     assert any(n.endswith("_gate_cumsum") for n in forward) == (case.gate == "scalar"), forward
 
 
+@pytest.mark.parametrize("case", [Case("scalar", T=100, K=80, V=16), Case("scalar", vgate=True, T=100, K=80, V=16),
+                                  Case("channel", T=100, K=48, V=32), Case("channel", vgate=True, T=100, K=48, V=32)],
+                         ids=str)
+def test_gate_gradient_takes_its_carries_from_the_dq_dk_kernel(case, record_launches):
+    """Each chunk's carry into the K-side gate gradient, <S_C, dS_C> (the state terms from
+    the state entering the chunk, the write terms), comes in parts from the dq / dk kernel,
+    which loads those state tiles anyway: after it the backward runs dv and the gate
+    gradients only, no pass that reads the states again. (Values: the golden tests.)"""
+    torch.manual_seed(0)
+    q, k, v, g, gv, h0, cu_seqlens = make_inputs(case)
+    leaves = [None if x is None else x.detach().clone().requires_grad_() for x in (q, k, v, g, gv, h0)]
+    out, _ = chunk_diag(*leaves, cu_seqlens, exclusive=case.exclusive, output_final_state=False)
+    with record_launches() as launched:
+        out.backward(torch.randn_like(out))
+    dqdk = next(i for i, n in enumerate(launched) if n.endswith("_chunk_dqdk"))
+    expected = ["chunk_dv", "gate_grad"] + (["vgate_grad"] if case.vgate else [])
+    assert launched[dqdk + 1:] == [launched[dqdk].replace("chunk_dqdk", e) for e in expected], launched
+
+
 def test_saved_tensors_must_fit_the_backward():
     from attnc.runtime.chunk_diag_op import ChunkDiagFunction
 
