@@ -15,6 +15,10 @@
 #   bench/gpu_session.sh forms [SPECS]  each kernel's time with the forward in one pass and
 #                                  through chunk states (fused_forward=1 / 0, no tuning;
 #                                  writes forms-1/ and forms-0/ under the results folder)
+#   bench/gpu_session.sh diag [SPECS]  each kernel's time with a per-channel gate's diagonal
+#                                  sub-blocks 8 columns at a time and one at a time
+#                                  (diag_loop=0 / 1, no tuning; default gla; writes diag-0/
+#                                  and diag-1/)
 # Results and logs go to ${OUT:-bench/results}. The device image has torch and Triton
 # but not lark/platformdirs/filelock/fla-core/einops (fla's one dependency): fetch their
 # wheels into .whl first (see .library/device/README.md), e.g.
@@ -23,7 +27,7 @@
 set -uo pipefail
 step=${1:-tests}
 shift || true
-case "$step" in tests|tune|bench|profile|compile|forms) ;; *) echo "usage: bench/gpu_session.sh tests|tune|bench|profile|compile|forms" >&2; exit 2 ;; esac
+case "$step" in tests|tune|bench|profile|compile|forms|diag) ;; *) echo "usage: bench/gpu_session.sh tests|tune|bench|profile|compile|forms|diag" >&2; exit 2 ;; esac
 out=${OUT:-bench/results}
 mkdir -p "$out"
 if [ -d .whl ]; then
@@ -64,5 +68,11 @@ forms)
 for fused in 1 0; do
     ATTNC_AUTOTUNE=off timeout 270 python3 bench/kernel_times.py "$@" --calls 10 --config fused_forward=$fused \
         --out "$out/forms-$fused" 2>&1 | tee -a "$out/forms.log"
+done ;;
+diag)
+[ $# -gt 0 ] || set -- gla
+for loop in 0 1; do
+    ATTNC_AUTOTUNE=off timeout 270 python3 bench/kernel_times.py "$@" --calls 10 --config diag_loop=$loop \
+        --out "$out/diag-$loop" 2>&1 | tee -a "$out/diag.log"
 done ;;
 esac

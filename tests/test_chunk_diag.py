@@ -271,13 +271,58 @@ def test_state_passes_spread_few_sequences_over_the_gpu():
     assert plan(1, interpret=True).state_block_v == 64
 
 
-def test_fused_forward_config_is_checked():
+def test_forms_in_the_config_are_checked():
     case = Case("scalar", T=20)
     q, k, v, g, gv, h0, cu_seqlens = make_inputs(case)
-    for bad in (2, -1, 0.5, "1"):
-        with pytest.raises(ValueError, match="fused_forward"):
-            chunk_diag(q, k, v, g, gv, h0, cu_seqlens, exclusive=False, output_final_state=False,
-                       config={"fused_forward": bad})
+    for key in ("fused_forward", "diag_loop"):
+        for bad in (2, -1, 0.5, "1"):
+            with pytest.raises(ValueError, match=key):
+                chunk_diag(q, k, v, g, gv, h0, cu_seqlens, exclusive=False, output_final_state=False,
+                           config={key: bad})
+
+
+# A per-channel gate's exact diagonal sub-blocks come in two forms (`diag_loop` in the
+# config): DIAG_COLUMNS columns at a time as 3-d tensors (0, the default), or one column at a
+# time (1). Each against the recurrence, values and gradients, and against each other: the
+# K-side gate (dq, dk, the gate gradient's identity), the V-side gate (the output and dv
+# kernels), exclusive readout, varlen, strong gates, K not a power of two, both forward forms.
+@pytest.mark.parametrize("case, fused", [
+    (Case("channel", T=100, K=32, V=16), 1),
+    (Case("channel", vgate=True, exclusive=True, T=56, seqlens=(9, 46, 1), H=1), 0),
+    (Case("channel", vgate=True, T=40, K=48, V=96, H=1), 1),
+    (Case("channel", exclusive=True, T=160, K=16, V=16, H=1, strong=True), 0),
+    (Case("none", vgate=True, T=100, K=32, V=16, final=False), 1),
+], ids=str)
+def test_diagonal_sub_blocks_column_by_column_match_the_recurrence(case, fused):
+    inputs = make_inputs(case)
+    ref_o, ref_ht = naive_recurrence(*[None if x is None else x.double() for x in inputs[:6]], inputs[6],
+                                     case.exclusive)
+    do = torch.randn_like(ref_o)
+    dht = torch.randn_like(ref_ht) if case.final else None
+
+    def golden(*xs):
+        return naive_recurrence(*xs, case.exclusive)
+
+    _, _, ref_grads = run_and_differentiate(golden, [None if x is None else x.double() for x in inputs[:6]]
+                                            + [inputs[6]], do, dht)
+    results = {}
+    for diag_loop in (0, 1):
+        def under_test(q, k, v, g, gv, h0, cu_seqlens):
+            return chunk_diag(q, k, v, g, gv, h0, cu_seqlens, exclusive=case.exclusive,
+                              output_final_state=case.final, chunk_size=case.chunk_size, input_precision="ieee",
+                              poison=True, config={"diag_loop": diag_loop, "fused_forward": fused})
+
+        o, ht, grads = run_and_differentiate(under_test, inputs, do, dht)
+        assert rel_rms(o, ref_o) <= FP32_TOLERANCE, f"diag_loop={diag_loop}: o {rel_rms(o, ref_o):.2e}"
+        labelled = [(label, grad, ref) for label, grad, ref in zip(("q", "k", "v", "g", "gv", "h0"), grads, ref_grads)
+                    if ref is not None]
+        for label, grad, ref in labelled:
+            err = rel_rms(grad, ref)
+            assert torch.isfinite(grad).all() and err <= FP32_TOLERANCE, f"diag_loop={diag_loop}: d{label} {err:.2e}"
+        results[diag_loop] = [o] + [grad for _, grad, _ in labelled]
+    # the same sums in another order
+    for one_form, other in zip(results[0], results[1]):
+        assert rel_rms(other.double(), one_form.double()) <= FP32_TOLERANCE / 10
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU bf16 inputs take bf16 dots: no fp32 run gives the same values")
