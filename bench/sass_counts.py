@@ -34,8 +34,8 @@ def disassemble(cubin: bytes) -> str:
         return subprocess.run([tool, "-c", path], capture_output=True, text=True, check=True).stdout
 
 
-def instructions(sass: str) -> list[tuple[int, str, str]]:
-    """(address, opcode, operands) per instruction, with each label's address."""
+def instructions(sass: str) -> tuple[list[tuple[int, str, str]], dict[str, int]]:
+    """(address, opcode, operands) per instruction, and each label's address."""
     out, labels, pending = [], {}, []
     for line in sass.splitlines():
         label = re.match(r"\s*\.(L_x_\d+):", line)

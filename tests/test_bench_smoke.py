@@ -183,3 +183,33 @@ def test_tuning_compiles_counts_what_tuning_would_compile():
                                       for i in range(3))
     assert candidates >= 2 and launches >= 8 * candidates and 8 <= compiles <= launches
     assert "chunk_dqdk" in run.stdout
+
+
+def test_sass_counts_reads_loop_bodies_of_a_real_kernel():
+    """bench/sass_counts.py compiles a kernel for sm_90 with Triton's compiler (no GPU) and
+    counts its machine code, whole and per loop body (the scalar-gate dq / dk kernel's
+    dots); its parser on a known listing."""
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "sass_counts.py"), "retnet",
+                          "--shape", "1,64,2,32,256", "--kernels", "chunk_dqdk", "--loops"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    kernel, *loops = run.stdout.strip().splitlines()
+    assert kernel.startswith("retnet_S_chunk_dqdk")
+    fields = dict(zip(kernel.split()[3::2], map(int, kernel.split()[4::2])))
+    assert fields["total"] > 100 and fields["MMA"] > 0 and fields["LDG"] > 0
+    assert loops and all(line.lstrip().startswith("loop 0x") for line in loops)
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import sass_counts
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    code, labels = sass_counts.instructions(
+        "        /*0000*/                   MOV R1, c[0x0][0x28] ;\n"
+        ".L_x_0:\n"
+        "        /*0010*/                   MUFU.EX2 R2, R3 ;\n"
+        "        /*0020*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;\n"
+        "        /*0030*/               @P0 BRA `(.L_x_0) ;\n"
+        "        /*0040*/                   EXIT ;\n")
+    assert labels == {"L_x_0": 0x10} and [op for _, op, _ in code][1] == "MUFU.EX2"
+    (start, end, body), = sass_counts.loops(code, labels)
+    assert (start, end, body["total"], body["EX2"], body["BAR"]) == (0x10, 0x30, 3, 1, 1)
