@@ -207,7 +207,8 @@ def test_precompile_visits_every_launch_of_every_candidate_and_runs_none():
         trace = record(op, B=1, T=64, H=2, dims=DIMS, dtype=torch.float32, step=False,
                        config=config)
         expected += [(k.name, k.options.get("num_warps")) for k in trace.launches()]
-    assert seen == expected and len(seen) >= 3 * 10
+    # (gla's training step: at least 8 launches, forward and backward, in every candidate)
+    assert seen == expected and len(seen) >= 3 * 8
     assert {w for _, w in seen} >= {2, 4, 8}  # the candidates' own launch options
     assert all(torch.equal(arguments[n].detach(), before[n]) for n in before)
     assert all(t.grad is None for t in arguments.values())  # no gradient was computed
