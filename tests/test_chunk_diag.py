@@ -274,7 +274,7 @@ def test_state_passes_spread_few_sequences_over_the_gpu():
 def test_forms_in_the_config_are_checked():
     case = Case("scalar", T=20)
     q, k, v, g, gv, h0, cu_seqlens = make_inputs(case)
-    for key in ("fused_forward", "diag_loop"):
+    for key in ("fused_forward", "diag_loop", "exact_diag"):
         for bad in (2, -1, 0.5, "1"):
             with pytest.raises(ValueError, match=key):
                 chunk_diag(q, k, v, g, gv, h0, cu_seqlens, exclusive=False, output_final_state=False,
@@ -323,6 +323,114 @@ def test_diagonal_sub_blocks_column_by_column_match_the_recurrence(case, fused):
     # the same sums in another order
     for one_form, other in zip(results[0], results[1]):
         assert rel_rms(other.double(), one_form.double()) <= FP32_TOLERANCE / 10
+
+
+def span_gates(*shape, strong_channels_from=None):
+    """Per-channel log gates whose 16-token sub-chunks take turns: mild (a gla-like span of
+    a few units), just under DIAG_SPAN_LIMIT (-1.2 per token: a span of 19.2, factors up to
+    e^19.2) and over it (-1.5 per token: 24, exact). With strong_channels_from, the channels
+    from there on are over the limit in the mild sub-chunks too, so that blocks of channels
+    decide differently in one sub-chunk."""
+    T = shape[1]
+    turn = (torch.arange(T) // 16 % 3).view(1, T, *([1] * (len(shape) - 2)))
+    mild = F.logsigmoid(torch.randn(*shape) + 1.5)
+    gate = torch.where(turn == 0, mild, torch.where(turn == 1, torch.full(shape, -1.2), torch.full(shape, -1.5)))
+    if strong_channels_from is not None:
+        channels = torch.arange(shape[-1]) >= strong_channels_from
+        gate = torch.where((turn == 0) & channels, torch.full(shape, -2.0), gate)
+    return gate.to(DEVICE)
+
+
+# A per-channel gate's diagonal sub-blocks join the matmul beside them where their span (the
+# decay across the sub-chunk's tokens) is under DIAG_SPAN_LIMIT, and are exact elsewhere
+# (`exact_diag=1`: everywhere). Gates with sub-chunks on both sides of the limit, and just
+# under it, in one call: both settings against the recurrence, values and gradients, and
+# against each other; the K-side gate (scores, dq, dk, the gate gradient), the V-side gate
+# (output and dv kernels), exclusive readout, varlen, both forward forms, both exact forms.
+@pytest.mark.parametrize("case, fused, diag_loop", [
+    (Case("channel", T=112, K=48, V=16, H=1), 1, 0),
+    (Case("channel", exclusive=True, T=112, K=48, V=16, H=1), 0, 0),
+    (Case("channel", vgate=True, T=104, seqlens=(9, 80, 15), K=16, V=32, H=1), 0, 0),
+    (Case("none", vgate=True, exclusive=True, T=100, K=16, V=32, H=1), 1, 1),
+], ids=str)
+def test_diagonal_sub_blocks_factored_where_their_span_allows(case, fused, diag_loop):
+    inputs = list(make_inputs(case))
+    B = inputs[0].shape[0]
+    if case.gate == "channel":
+        inputs[3] = span_gates(B, case.T, case.H, case.K, strong_channels_from=32 if case.K > 32 else None)
+    if case.vgate:
+        inputs[4] = span_gates(B, case.T, case.H, case.V)
+    ref_o, ref_ht = naive_recurrence(*[None if x is None else x.double() for x in inputs[:6]], inputs[6],
+                                     case.exclusive)
+    do = torch.randn_like(ref_o)
+    dht = torch.randn_like(ref_ht)
+
+    def golden(*xs):
+        return naive_recurrence(*xs, case.exclusive)
+
+    _, _, ref_grads = run_and_differentiate(golden, [None if x is None else x.double() for x in inputs[:6]]
+                                            + [inputs[6]], do, dht)
+    results = {}
+    for exact in (0, 1):
+        def under_test(q, k, v, g, gv, h0, cu_seqlens):
+            return chunk_diag(q, k, v, g, gv, h0, cu_seqlens, exclusive=case.exclusive, output_final_state=True,
+                              input_precision="ieee", poison=True,
+                              config={"exact_diag": exact, "diag_loop": diag_loop, "fused_forward": fused})
+
+        o, ht, grads = run_and_differentiate(under_test, inputs, do, dht)
+        assert rel_rms(o, ref_o) <= FP32_TOLERANCE, f"exact_diag={exact}: o {rel_rms(o, ref_o):.2e}"
+        assert rel_rms(ht, ref_ht) <= FP32_TOLERANCE, f"exact_diag={exact}: ht {rel_rms(ht, ref_ht):.2e}"
+        labelled = [(label, grad, ref) for label, grad, ref in zip(("q", "k", "v", "g", "gv", "h0"), grads, ref_grads)
+                    if ref is not None]
+        for label, grad, ref in labelled:
+            err = rel_rms(grad, ref)
+            assert torch.isfinite(grad).all() and err <= FP32_TOLERANCE, f"exact_diag={exact}: d{label} {err:.2e}"
+        results[exact] = [o] + [grad for _, grad, _ in labelled]
+    for factored, exact in zip(results[0], results[1]):
+        assert rel_rms(factored.double(), exact.double()) <= FP32_TOLERANCE / 10
+
+
+def test_diagonal_factoring_follows_the_config_and_the_dtype():
+    """Factored diagonal sub-blocks need an 8-bit exponent: bf16 and fp32 dots factor them
+    (under DIAG_SPAN_LIMIT), fp16 ones never, nor does any dtype with exact_diag=1."""
+    from attnc.runtime.chunk_diag_op import ChunkDiagFunction
+
+    module = ChunkDiagFunction.module_for(DiagKernelSpec("plan_channel", "channel"))
+
+    def plan(dtype, **config):
+        q = torch.empty(1, 1, 16, 64, dtype=dtype, device="meta")
+        return module._Plan(q, q, None, 64, True, "ieee", False, config or None)
+
+    assert plan(torch.bfloat16).rows(True)["DIAG_SPAN"] == module.DIAG_SPAN_LIMIT > 0
+    assert plan(torch.float32).rows(True)["DIAG_SPAN"] == module.DIAG_SPAN_LIMIT
+    assert plan(torch.float16).rows(True)["DIAG_SPAN"] == 0.0
+    assert plan(torch.bfloat16, exact_diag=1).rows(True)["DIAG_SPAN"] == 0.0
+
+
+# Under a GPU's bf16 rounding (emulated) the factored sub-blocks cost no accuracy: their
+# matmul takes its decayed operands at ~16 bits (_dot_exact). Rounded to bf16 they cost
+# 1.2-1.4x the exact sub-blocks' error in o, dq, dk, dv and dg (gla-like gates, T = 300).
+@pytest.mark.skipif(DEVICE == "cuda", reason="emulates a GPU's rounding in the interpreter")
+def test_bf16_factored_diagonal_is_as_accurate_as_the_exact_one(monkeypatch):
+    monkeypatch.setenv("ATTNC_EMULATE_GPU_DOTS", "1")
+    exclusive = True
+    case = Case("channel", exclusive=exclusive, T=300, K=32, V=32, B=1, H=2, dtype=torch.bfloat16)
+    torch.manual_seed(1)
+    q, k, v, _, gv, h0, cu_seqlens = make_inputs(case)
+    g = (F.logsigmoid(torch.randn(1, case.T, 2, case.K)) / 16).to(DEVICE)  # gla's gate
+    inputs = (q, k, v, g, gv, h0, cu_seqlens)
+    errors = {}
+    for exact in (0, 1):
+        torch.manual_seed(2)  # the same cotangents for both
+        grads, ref_grads = _triton_and_reference_grads(inputs, exclusive, config={"exact_diag": exact})
+        o, _ = chunk_diag(*inputs, exclusive=exclusive, output_final_state=False, poison=True,
+                          config={"exact_diag": exact})
+        ref_o, _ = naive_recurrence(*[None if x is None else x.double() for x in inputs[:6]], None, exclusive)
+        errors[exact] = {"o": rel_rms(o, ref_o), **{label: rel_rms(grad, ref)
+                                                     for label, grad, ref in zip("qkvg", grads, ref_grads)}}
+    assert max(errors[0].values()) < 1e-2, errors  # bf16 rounding happened, nothing broke
+    for label, exact_error in errors[1].items():
+        assert errors[0][label] <= 1.05 * exact_error, (label, errors)
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU bf16 inputs take bf16 dots: no fp32 run gives the same values")
