@@ -281,20 +281,10 @@ def test_forms_in_the_config_are_checked():
                            config={key: bad})
 
 
-# A per-channel gate's exact diagonal sub-blocks come in two forms (`diag_loop` in the
-# config): DIAG_COLUMNS columns at a time as 3-d tensors (0, the default), or one column at a
-# time (1). Each against the recurrence, values and gradients, and against each other: the
-# K-side gate (dq, dk, the gate gradient's identity), the V-side gate (the output and dv
-# kernels), exclusive readout, varlen, strong gates, K not a power of two, both forward forms.
-@pytest.mark.parametrize("case, fused", [
-    (Case("channel", T=100, K=32, V=16), 1),
-    (Case("channel", vgate=True, exclusive=True, T=56, seqlens=(9, 46, 1), H=1), 0),
-    (Case("channel", vgate=True, T=40, K=48, V=96, H=1), 1),
-    (Case("channel", exclusive=True, T=160, K=16, V=16, H=1, strong=True), 0),
-    (Case("none", vgate=True, T=100, K=32, V=16, final=False), 1),
-], ids=str)
-def test_diagonal_sub_blocks_column_by_column_match_the_recurrence(case, fused):
-    inputs = make_inputs(case)
+def check_configs_against_the_recurrence(case, inputs, configs):
+    """chunk_diag under each config against the fp64 recurrence (o, the final state if the
+    case asks for it, every gradient), and the configs' results against each other: the
+    same sums in another order."""
     ref_o, ref_ht = naive_recurrence(*[None if x is None else x.double() for x in inputs[:6]], inputs[6],
                                      case.exclusive)
     do = torch.randn_like(ref_o)
@@ -305,24 +295,44 @@ def test_diagonal_sub_blocks_column_by_column_match_the_recurrence(case, fused):
 
     _, _, ref_grads = run_and_differentiate(golden, [None if x is None else x.double() for x in inputs[:6]]
                                             + [inputs[6]], do, dht)
-    results = {}
-    for diag_loop in (0, 1):
+    results = []
+    for config in configs:
         def under_test(q, k, v, g, gv, h0, cu_seqlens):
             return chunk_diag(q, k, v, g, gv, h0, cu_seqlens, exclusive=case.exclusive,
                               output_final_state=case.final, chunk_size=case.chunk_size, input_precision="ieee",
-                              poison=True, config={"diag_loop": diag_loop, "fused_forward": fused})
+                              poison=True, config=config)
 
         o, ht, grads = run_and_differentiate(under_test, inputs, do, dht)
-        assert rel_rms(o, ref_o) <= FP32_TOLERANCE, f"diag_loop={diag_loop}: o {rel_rms(o, ref_o):.2e}"
+        assert rel_rms(o, ref_o) <= FP32_TOLERANCE, f"{config}: o {rel_rms(o, ref_o):.2e}"
+        if case.final:
+            assert rel_rms(ht, ref_ht) <= FP32_TOLERANCE, f"{config}: ht {rel_rms(ht, ref_ht):.2e}"
         labelled = [(label, grad, ref) for label, grad, ref in zip(("q", "k", "v", "g", "gv", "h0"), grads, ref_grads)
                     if ref is not None]
         for label, grad, ref in labelled:
             err = rel_rms(grad, ref)
-            assert torch.isfinite(grad).all() and err <= FP32_TOLERANCE, f"diag_loop={diag_loop}: d{label} {err:.2e}"
-        results[diag_loop] = [o] + [grad for _, grad, _ in labelled]
-    # the same sums in another order
+            assert torch.isfinite(grad).all() and err <= FP32_TOLERANCE, f"{config}: d{label} {err:.2e}"
+        results.append([o] + [grad for _, grad, _ in labelled])
     for one_form, other in zip(results[0], results[1]):
         assert rel_rms(other.double(), one_form.double()) <= FP32_TOLERANCE / 10
+
+
+# A per-channel gate's exact diagonal sub-blocks come in two forms (`diag_loop` in the
+# config): DIAG_COLUMNS columns at a time as 3-d tensors (0, the interpreter's default), or
+# one column at a time (1, a GPU's). Each against the recurrence, values and gradients, and
+# against each other: the K-side gate (scores, dq, dk, the gate gradient's identity), the
+# V-side gate (the output and dv kernels), exclusive readout, varlen, strong gates (exact
+# sub-blocks: factored ones, where spans are small, use neither form), K not a power of two,
+# both forward forms.
+@pytest.mark.parametrize("case, fused", [
+    (Case("channel", T=100, K=32, V=16), 1),
+    (Case("channel", vgate=True, exclusive=True, T=56, seqlens=(9, 46, 1), H=1), 0),
+    (Case("channel", vgate=True, T=40, K=48, V=96, H=1), 1),
+    (Case("channel", exclusive=True, T=160, K=16, V=16, H=1, strong=True), 0),
+    (Case("none", vgate=True, T=100, K=32, V=16, final=False), 1),
+], ids=str)
+def test_diagonal_sub_blocks_column_by_column_match_the_recurrence(case, fused):
+    check_configs_against_the_recurrence(case, make_inputs(case), [
+        {"diag_loop": diag_loop, "exact_diag": 1, "fused_forward": fused} for diag_loop in (0, 1)])
 
 
 def span_gates(*shape, strong_channels_from=None):
@@ -360,34 +370,8 @@ def test_diagonal_sub_blocks_factored_where_their_span_allows(case, fused, diag_
         inputs[3] = span_gates(B, case.T, case.H, case.K, strong_channels_from=32 if case.K > 32 else None)
     if case.vgate:
         inputs[4] = span_gates(B, case.T, case.H, case.V)
-    ref_o, ref_ht = naive_recurrence(*[None if x is None else x.double() for x in inputs[:6]], inputs[6],
-                                     case.exclusive)
-    do = torch.randn_like(ref_o)
-    dht = torch.randn_like(ref_ht)
-
-    def golden(*xs):
-        return naive_recurrence(*xs, case.exclusive)
-
-    _, _, ref_grads = run_and_differentiate(golden, [None if x is None else x.double() for x in inputs[:6]]
-                                            + [inputs[6]], do, dht)
-    results = {}
-    for exact in (0, 1):
-        def under_test(q, k, v, g, gv, h0, cu_seqlens):
-            return chunk_diag(q, k, v, g, gv, h0, cu_seqlens, exclusive=case.exclusive, output_final_state=True,
-                              input_precision="ieee", poison=True,
-                              config={"exact_diag": exact, "diag_loop": diag_loop, "fused_forward": fused})
-
-        o, ht, grads = run_and_differentiate(under_test, inputs, do, dht)
-        assert rel_rms(o, ref_o) <= FP32_TOLERANCE, f"exact_diag={exact}: o {rel_rms(o, ref_o):.2e}"
-        assert rel_rms(ht, ref_ht) <= FP32_TOLERANCE, f"exact_diag={exact}: ht {rel_rms(ht, ref_ht):.2e}"
-        labelled = [(label, grad, ref) for label, grad, ref in zip(("q", "k", "v", "g", "gv", "h0"), grads, ref_grads)
-                    if ref is not None]
-        for label, grad, ref in labelled:
-            err = rel_rms(grad, ref)
-            assert torch.isfinite(grad).all() and err <= FP32_TOLERANCE, f"exact_diag={exact}: d{label} {err:.2e}"
-        results[exact] = [o] + [grad for _, grad, _ in labelled]
-    for factored, exact in zip(results[0], results[1]):
-        assert rel_rms(factored.double(), exact.double()) <= FP32_TOLERANCE / 10
+    check_configs_against_the_recurrence(case, inputs, [
+        {"exact_diag": exact, "diag_loop": diag_loop, "fused_forward": fused} for exact in (0, 1)])
 
 
 def test_diagonal_factoring_follows_the_config_and_the_dtype():
