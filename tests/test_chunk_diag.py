@@ -324,11 +324,11 @@ def check_configs_against_the_recurrence(case, inputs, configs):
 # sub-blocks: factored ones, where spans are small, use neither form), K not a power of two,
 # both forward forms.
 @pytest.mark.parametrize("case, fused", [
-    (Case("channel", T=100, K=32, V=16), 1),
+    (Case("channel", T=80, K=32, V=16, H=1), 1),
     (Case("channel", vgate=True, exclusive=True, T=56, seqlens=(9, 46, 1), H=1), 0),
     (Case("channel", vgate=True, T=40, K=48, V=96, H=1), 1),
-    (Case("channel", exclusive=True, T=160, K=16, V=16, H=1, strong=True), 0),
-    (Case("none", vgate=True, T=100, K=32, V=16, final=False), 1),
+    (Case("channel", exclusive=True, T=100, K=16, V=16, H=1, strong=True), 0),
+    (Case("none", vgate=True, T=70, K=32, V=16, H=1, final=False), 1),
 ], ids=str)
 def test_diagonal_sub_blocks_column_by_column_match_the_recurrence(case, fused):
     check_configs_against_the_recurrence(case, make_inputs(case), [
@@ -394,11 +394,12 @@ def test_diagonal_factoring_follows_the_config_and_the_dtype():
 # Under a GPU's bf16 rounding (emulated) the factored sub-blocks cost no accuracy: their
 # matmul takes its decayed operands at ~16 bits (_dot_exact). Rounded to bf16 they cost
 # 1.2-1.4x the exact sub-blocks' error in o, dq, dk, dv and dg (gla-like gates, T = 300).
+# (Run at T = 200 here to save time; the two agree to within 1 %.)
 @pytest.mark.skipif(DEVICE == "cuda", reason="emulates a GPU's rounding in the interpreter")
 def test_bf16_factored_diagonal_is_as_accurate_as_the_exact_one(monkeypatch):
     monkeypatch.setenv("ATTNC_EMULATE_GPU_DOTS", "1")
     exclusive = True
-    case = Case("channel", exclusive=exclusive, T=300, K=32, V=32, B=1, H=2, dtype=torch.bfloat16)
+    case = Case("channel", exclusive=exclusive, T=200, K=32, V=32, B=1, H=2, dtype=torch.bfloat16)
     torch.manual_seed(1)
     q, k, v, _, gv, h0, cu_seqlens = make_inputs(case)
     g = (F.logsigmoid(torch.randn(1, case.T, 2, case.K)) / 16).to(DEVICE)  # gla's gate
