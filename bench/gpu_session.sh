@@ -15,12 +15,14 @@
 #   bench/gpu_session.sh forms [SPECS]  each kernel's time with the forward in one pass and
 #                                  through chunk states (fused_forward=1 / 0, no tuning;
 #                                  writes forms-1/ and forms-0/ under the results folder)
-#   bench/gpu_session.sh diag [SPECS]  each kernel's time with a per-channel gate's diagonal
-#                                  sub-blocks factored into the matmul beside them (the
-#                                  default, where their span allows; the benchmark's gates do),
-#                                  and exact: 8 columns at a time and one at a time
-#                                  (exact_diag=1 with diag_loop=0 / 1), no tuning; default
-#                                  gla; writes diag-factored/, diag-0/ and diag-1/
+#   bench/gpu_session.sh diag [SPECS]  each kernel's time with a per-channel gate's chunks
+#                                  taken whole where their span allows (the default; the
+#                                  benchmark's gates do), by sub-chunks with the diagonal
+#                                  sub-blocks factored into the matmul beside them
+#                                  (whole_chunk=0), and exact: 8 columns at a time and one at
+#                                  a time (exact_diag=1 with diag_loop=0 / 1), no tuning;
+#                                  default gla; writes diag-whole/, diag-factored/, diag-0/
+#                                  and diag-1/
 # Results and logs go to ${OUT:-bench/results}. The device image has torch and Triton
 # but not lark/platformdirs/filelock/fla-core/einops (fla's one dependency): fetch their
 # wheels into .whl first (see .library/device/README.md), e.g.
@@ -73,8 +75,10 @@ for fused in 1 0; do
 done ;;
 diag)
 [ $# -gt 0 ] || set -- gla
-ATTNC_AUTOTUNE=off timeout 180 python3 bench/kernel_times.py "$@" --calls 10 --out "$out/diag-factored" 2>&1 \
+ATTNC_AUTOTUNE=off timeout 180 python3 bench/kernel_times.py "$@" --calls 10 --out "$out/diag-whole" 2>&1 \
     | tee -a "$out/diag.log"
+ATTNC_AUTOTUNE=off timeout 180 python3 bench/kernel_times.py "$@" --calls 10 --config whole_chunk=0 \
+    --out "$out/diag-factored" 2>&1 | tee -a "$out/diag.log"
 for loop in 0 1; do
     ATTNC_AUTOTUNE=off timeout 180 python3 bench/kernel_times.py "$@" --calls 10 \
         --config exact_diag=1,diag_loop=$loop --out "$out/diag-$loop" 2>&1 | tee -a "$out/diag.log"

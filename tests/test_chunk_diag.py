@@ -274,7 +274,7 @@ def test_state_passes_spread_few_sequences_over_the_gpu():
 def test_forms_in_the_config_are_checked():
     case = Case("scalar", T=20)
     q, k, v, g, gv, h0, cu_seqlens = make_inputs(case)
-    for key in ("fused_forward", "diag_loop", "exact_diag"):
+    for key in ("fused_forward", "diag_loop", "exact_diag", "whole_chunk"):
         for bad in (2, -1, 0.5, "1"):
             with pytest.raises(ValueError, match=key):
                 chunk_diag(q, k, v, g, gv, h0, cu_seqlens, exclusive=False, output_final_state=False,
@@ -335,43 +335,53 @@ def test_diagonal_sub_blocks_column_by_column_match_the_recurrence(case, fused):
         {"diag_loop": diag_loop, "exact_diag": 1, "fused_forward": fused} for diag_loop in (0, 1)])
 
 
-def span_gates(*shape, strong_channels_from=None):
-    """Per-channel log gates whose 16-token sub-chunks take turns: mild (a gla-like span of
-    a few units), just under DIAG_SPAN_LIMIT (-1.2 per token: a span of 19.2, factors up to
-    e^19.2) and over it (-1.5 per token: 24, exact). With strong_channels_from, the channels
-    from there on are over the limit in the mild sub-chunks too, so that blocks of channels
-    decide differently in one sub-chunk."""
-    T = shape[1]
-    turn = (torch.arange(T) // 16 % 3).view(1, T, *([1] * (len(shape) - 2)))
+def span_gates(*shape, strong_channels_from=None, chunk_span=19.2):
+    """Per-channel log gates that take every path of the diagonal sub-blocks, 64-token chunks
+    in turn (the tests' chunk size):
+    - even chunks span chunk_span as a whole (in half the channels; gla-like gates in the
+      others): by default just under DIAG_SPAN_LIMIT, one matmul for the chunk with factors
+      up to e^19.2; just over it (20.8), by sub-chunks of span 5.2;
+    - odd chunks by 16-token sub-chunks in turn: mild (a span of a few units), just under
+      the limit (-1.2 per token: 19.2), over it (-1.5 per token: 24, exact), mild. With
+      strong_channels_from, the channels from there on are over the limit in the mild
+      sub-chunks too, so that blocks of channels decide differently in one sub-chunk."""
+    T, channels = shape[1], torch.arange(shape[-1])
+    token = torch.arange(T).view(1, T, *([1] * (len(shape) - 2)))
+    odd_chunk, turn = token // 64 % 2 == 1, token // 16 % 4
+    whole = torch.where(channels < shape[-1] // 2, -chunk_span / 64, F.logsigmoid(torch.randn(*shape)) / 16)
     mild = F.logsigmoid(torch.randn(*shape) + 1.5)
-    gate = torch.where(turn == 0, mild, torch.where(turn == 1, torch.full(shape, -1.2), torch.full(shape, -1.5)))
     if strong_channels_from is not None:
-        channels = torch.arange(shape[-1]) >= strong_channels_from
-        gate = torch.where((turn == 0) & channels, torch.full(shape, -2.0), gate)
-    return gate.to(DEVICE)
+        mild = torch.where(channels >= strong_channels_from, torch.full(shape, -2.0), mild)
+    by_sub_chunks = torch.where(turn == 1, -1.2, torch.where(turn == 2, -1.5, mild))
+    return torch.where(odd_chunk, by_sub_chunks, whole).to(DEVICE)
 
 
 # A per-channel gate's diagonal sub-blocks join the matmul beside them where their span (the
 # decay across the sub-chunk's tokens) is under DIAG_SPAN_LIMIT, and are exact elsewhere
-# (`exact_diag=1`: everywhere). Gates with sub-chunks on both sides of the limit, and just
-# under it, in one call: both settings against the recurrence, values and gradients, and
-# against each other; the K-side gate (scores, dq, dk, the gate gradient), the V-side gate
-# (output and dv kernels), exclusive readout, varlen, both forward forms, both exact forms.
-@pytest.mark.parametrize("case, fused, diag_loop", [
-    (Case("channel", T=112, K=48, V=16, H=1), 1, 0),
-    (Case("channel", exclusive=True, T=112, K=48, V=16, H=1), 0, 0),
-    (Case("channel", vgate=True, T=104, seqlens=(9, 80, 15), K=16, V=32, H=1), 0, 0),
-    (Case("none", vgate=True, exclusive=True, T=100, K=16, V=32, H=1), 1, 1),
+# (`exact_diag=1`: everywhere); where a whole chunk spans under the limit the scores and
+# dq / dk kernels take it in one matmul. Gates with chunks and sub-chunks on both sides of
+# the limit, and just under it, in one call: both settings against the recurrence, values
+# and gradients, and against each other; the K-side gate (scores, dq, dk, the gate
+# gradient), the V-side gate (output and dv kernels), exclusive readout, varlen, both
+# forward forms, both exact forms.
+@pytest.mark.parametrize("case, fused, diag_loop, chunk_span", [
+    (Case("channel", T=112, K=48, V=16, H=1), 1, 0, 19.2),
+    (Case("channel", exclusive=True, T=112, K=48, V=16, H=1), 0, 0, 20.8),
+    (Case("channel", vgate=True, T=104, seqlens=(9, 80, 15), K=16, V=32, H=1), 0, 0, 19.2),
+    (Case("none", vgate=True, exclusive=True, T=100, K=16, V=32, H=1), 1, 1, 20.8),
 ], ids=str)
-def test_diagonal_sub_blocks_factored_where_their_span_allows(case, fused, diag_loop):
+def test_diagonal_sub_blocks_factored_where_their_span_allows(case, fused, diag_loop, chunk_span):
     inputs = list(make_inputs(case))
     B = inputs[0].shape[0]
     if case.gate == "channel":
-        inputs[3] = span_gates(B, case.T, case.H, case.K, strong_channels_from=32 if case.K > 32 else None)
+        inputs[3] = span_gates(B, case.T, case.H, case.K, strong_channels_from=32 if case.K > 32 else None,
+                               chunk_span=chunk_span)
     if case.vgate:
-        inputs[4] = span_gates(B, case.T, case.H, case.V)
-    check_configs_against_the_recurrence(case, inputs, [
-        {"exact_diag": exact, "diag_loop": diag_loop, "fused_forward": fused} for exact in (0, 1)])
+        inputs[4] = span_gates(B, case.T, case.H, case.V, chunk_span=chunk_span)
+    configs = [{"exact_diag": exact, "diag_loop": diag_loop, "fused_forward": fused} for exact in (0, 1)]
+    if case.gate == "channel" and chunk_span < 20:  # and the chunks under the limit by sub-chunks too
+        configs.append({"whole_chunk": 0, "diag_loop": diag_loop, "fused_forward": fused})
+    check_configs_against_the_recurrence(case, inputs, configs)
 
 
 def test_diagonal_factoring_follows_the_config_and_the_dtype():
@@ -389,6 +399,9 @@ def test_diagonal_factoring_follows_the_config_and_the_dtype():
     assert plan(torch.float32).rows(True)["DIAG_SPAN"] == module.DIAG_SPAN_LIMIT
     assert plan(torch.float16).rows(True)["DIAG_SPAN"] == 0.0
     assert plan(torch.bfloat16, exact_diag=1).rows(True)["DIAG_SPAN"] == 0.0
+    # whole chunks at once where their span allows, unless the config says by sub-chunks
+    assert plan(torch.bfloat16).whole_chunk_rows()["WHOLE_CHUNK"] == 1
+    assert plan(torch.bfloat16, whole_chunk=0).whole_chunk_rows()["WHOLE_CHUNK"] == 0
 
 
 # Under a GPU's bf16 rounding (emulated) the factored sub-blocks cost no accuracy: their
