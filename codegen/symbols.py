@@ -15,20 +15,40 @@ from __future__ import annotations
 import sympy as sp
 
 
+# Signs of real arguments' values, so that sympy can prove a log gate <= 0 (a decay): the
+# runtime checks the values of gates it cannot prove (runtime/op.py).
 class sigmoid(sp.Function):
     def fdiff(self, argindex=1):
         s = sigmoid(self.args[0])
         return s * (1 - s)
+
+    def _eval_is_extended_positive(self):
+        return self.args[0].is_extended_real or None
+
+    def _eval_is_real(self):
+        return self.args[0].is_real or None
 
 
 class logsigmoid(sp.Function):
     def fdiff(self, argindex=1):
         return sigmoid(-self.args[0])
 
+    def _eval_is_extended_negative(self):
+        return self.args[0].is_extended_real or None
+
+    def _eval_is_real(self):
+        return self.args[0].is_real or None
+
 
 class softplus(sp.Function):
     def fdiff(self, argindex=1):
         return sigmoid(self.args[0])
+
+    def _eval_is_extended_positive(self):
+        return self.args[0].is_extended_real or None
+
+    def _eval_is_real(self):
+        return self.args[0].is_real or None
 
 
 class relu(sp.Function):

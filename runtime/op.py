@@ -9,6 +9,7 @@ import types
 from ..codegen.analysis import Analysis
 from ..dsl import ir
 from ..dsl.printer import pretty
+from .settings import settings
 
 log = logging.getLogger("attnc")
 
@@ -49,6 +50,15 @@ class CompiledOp:
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @functools.cached_property
+    def _unproven_decays(self) -> tuple:
+        """(state, log gate) for each decay of a chunked state that sympy cannot prove
+        <= 1 (log gate <= 0): the chunk forms assume decays (CHUNKFORMS.md), so their
+        values are checked per call."""
+        return tuple((form.name, gate) for form in self.analysis.states
+                     for gate in (form.log_gate, form.log_gate_v)
+                     if gate is not None and gate.is_nonpositive is not True)
 
     @property
     def cls(self) -> str:
@@ -110,6 +120,8 @@ class CompiledOp:
         states_in = bound.initial_states or (None,) * len(self.spec.states)
         states_in = tuple(None if s is None else s.float() for s in states_in)
 
+        if self._unproven_decays and settings().check_decays:
+            _check_decays(self.spec.name, self._unproven_decays, values)
         launch = self._launch_values(bound, dtype, backend, chunk_size, config)
         outputs, states = module.forward(
             values, states_in, shape=(bound.B, bound.T, H),
@@ -358,6 +370,46 @@ def register_kernels(kind: str, fields: dict, module) -> None:
         from .chunk_diag_op import MODULES
 
         MODULES.register(DiagKernelSpec(**fields), module)
+
+
+def _check_decays(name: str, decays, values: dict) -> None:
+    """Raise if a decay the analysis could not prove <= 1 exceeds it on this call's values:
+    the chunk forms assume decaying states and would return wrong values (CHUNKFORMS.md).
+    `decays`: (state, log gate); `values`: inputs [B, T, H, D], weights, params by name.
+    Not checked while a CUDA graph captures (the check reads a value on the host)."""
+    import sympy as sp
+    import torch
+    import torch.nn.functional as F
+
+    functions = {"exp": torch.exp, "log": torch.log, "sqrt": torch.sqrt, "Abs": torch.abs,
+                 "tanh": torch.tanh, "sigmoid": torch.sigmoid, "logsigmoid": F.logsigmoid,
+                 "softplus": F.softplus, "relu": torch.relu, "elu": F.elu, "silu": F.silu}
+    for state, gate in decays:
+        symbols = sorted(gate.free_symbols, key=lambda symbol: symbol.name)
+        args = [values.get(symbol.name) for symbol in symbols]
+        tensors = [a for a in args if torch.is_tensor(a)]
+        if any(a is None for a in args) or (tensors and tensors[0].is_cuda
+                                            and torch.cuda.is_current_stream_capturing()):
+            continue
+        try:
+            log_decay = torch.as_tensor(sp.lambdify(symbols, gate, modules=[functions])(*args))
+        except (NameError, TypeError) as err:  # a function with no torch twin here
+            log.debug("decay of %s's state %s not checked: %s", name, state, err)
+            continue
+        message = (f"`{name}`: state `{state}` decays by exp({gate}) per step, which the chunked "
+                   f"kernels need to be <= 1 ({gate} <= 0, a log-space decay): pass log decays (e.g. "
+                   f"-softplus(x) or logsigmoid(x)); a growing state has no chunked form. "
+                   f"ATTNC_CHECK_DECAYS=0 skips this check.")
+        try:
+            # one reduction (a pass over the gate: for a per-channel gate as large as k), then
+            # on a GPU an asynchronous device-side assert: the host does not wait for it
+            torch._assert_async(log_decay.amax() <= 0, message)
+        except RuntimeError:  # raised at once on the CPU: say where
+            growing = log_decay > 0
+            where = [int(i) for i in growing.nonzero()[0]] if growing.dim() else []
+            value = float(log_decay[tuple(where)])
+            raise ValueError(message.replace(": pass", f", but {gate} = {value:.4g}" + (
+                f" at index {where} ([batch, token, head, channel])" if where else "") + ": pass", 1)) from None
 
 
 def _stream_dtype(tensors):

@@ -20,6 +20,9 @@ KNOBS = {
     "ATTNC_INTERPRET": (bool, None, "run Triton kernels in the interpreter (default: TRITON_INTERPRET)"),
     "ATTNC_LOG_LEVEL": (str, "WARNING", "logging level of the `attnc` logger"),
     "ATTNC_POISON": (bool, False, "NaN-fill kernel outputs before kernels write them (tests)"),
+    "ATTNC_CHECK_DECAYS": (bool, True, "check, on each chunked call, the decays a spec cannot prove "
+                           "<= 1 (a raw log-gate input such as gated_deltanet's alpha): one host sync "
+                           "per call; 0 skips it (never checked while a CUDA graph captures)"),
 }
 
 
@@ -62,6 +65,10 @@ class Settings:
     @property
     def poison(self) -> bool:
         return _bool(os.environ.get("ATTNC_POISON", "0"))
+
+    @property
+    def check_decays(self) -> bool:
+        return _bool(os.environ.get("ATTNC_CHECK_DECAYS", "1"))
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")

@@ -397,3 +397,45 @@ def test_several_states_need_a_tuple():
         bind(spec, args, initial_state=(None, None, None))
     with raises("initial_state[z]: expected shape [N, H, K] = [2, 4, 32] (K bound by q), got [2, 4, 64]"):
         bind(spec, args, initial_state=(None, torch.randn(B, H, V)))
+
+
+# The chunk forms assume decaying states (every log gate <= 0, CHUNKFORMS.md); a growing one
+# made them return wrong values without a word (gated_deltanet with alpha > 0: 0.72 relative
+# error). Decays sympy proves (logsigmoid, -softplus * exp, -exp) are not checked; raw
+# log-gate inputs and params are, on each chunked call.
+def test_decays_the_analysis_cannot_prove_are_the_ones_checked():
+    import attnc
+
+    unproven = {name: [str(gate) for _, gate in attnc.load(name)._unproven_decays]
+                for name in ("gla", "hgrn2", "mamba2", "rwkv6", "deltanet", "gated_deltanet", "kda", "retnet")}
+    assert unproven == {"gla": [], "hgrn2": [], "mamba2": [], "rwkv6": [], "deltanet": [],
+                        "gated_deltanet": ["alpha"], "kda": ["g"], "retnet": ["log_gamma"]}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_growing_decay_is_refused_by_name_and_place(backend, monkeypatch):
+    import attnc
+    from attnc.runtime.sampling import random_arguments
+
+    op = attnc.load("gated_deltanet")
+    args = random_arguments(op.analysis, B=1, T=40, H=2, dims={"K": 16, "V": 16})
+    op(**args, backend=backend)  # log decays: fine
+    args["alpha"][0, 5, 1] = 0.3
+    with pytest.raises(ValueError, match=re.escape("state `S` decays by exp(alpha) per step, which the chunked "
+                                                   "kernels need to be <= 1 (alpha <= 0, a log-space decay), but "
+                                                   "alpha = 0.3 at index [0, 5, 1, 0]")):
+        op(**args, backend=backend)
+    monkeypatch.setenv("ATTNC_CHECK_DECAYS", "0")  # the caller's choice: unchecked
+    out, _ = op(**args, backend=backend)
+    assert out.shape == args["v"].shape
+
+
+def test_a_growing_per_head_decay_is_refused():
+    import attnc
+    from attnc.runtime.sampling import random_arguments
+
+    op = attnc.load("retnet")
+    args = random_arguments(op.analysis, B=1, T=20, H=2, dims={"K": 16, "V": 16})
+    args["log_gamma"][1] = 0.1  # a weight, per head
+    with pytest.raises(ValueError, match=r"log_gamma = 0\.1 at index \[0, 0, 1, 0\]"):
+        op(**args, backend="torch")
