@@ -53,10 +53,10 @@ class CompiledOp:
 
     @functools.cached_property
     def _unproven_decays(self) -> tuple:
-        """(state, log gate) for each decay of a chunked state that sympy cannot prove
-        <= 1 (log gate <= 0): the chunk forms assume decays (CHUNKFORMS.md), so their
-        values are checked per call."""
-        return tuple((form.name, gate) for form in self.analysis.states
+        """(state, log gate, its torch function) for each decay of a chunked state that
+        sympy cannot prove <= 1 (log gate <= 0): the chunk forms assume decays
+        (CHUNKFORMS.md), so their values are checked per call."""
+        return tuple((form.name, gate, _torch_function(gate)) for form in self.analysis.states
                      for gate in (form.log_gate, form.log_gate_v)
                      if gate is not None and gate.is_nonpositive is not True)
 
@@ -372,11 +372,10 @@ def register_kernels(kind: str, fields: dict, module) -> None:
         MODULES.register(DiagKernelSpec(**fields), module)
 
 
-def _check_decays(name: str, decays, values: dict) -> None:
-    """Raise if a decay the analysis could not prove <= 1 exceeds it on this call's values:
-    the chunk forms assume decaying states and would return wrong values (CHUNKFORMS.md).
-    `decays`: (state, log gate); `values`: inputs [B, T, H, D], weights, params by name.
-    Not checked while a CUDA graph captures (the check reads a value on the host)."""
+def _torch_function(gate):
+    """(names, f): the log gate as a function of the named inputs, weights and params,
+    evaluated with torch (None where a function has no torch twin here). Made once per op:
+    lambdify takes ~0.4 ms."""
     import sympy as sp
     import torch
     import torch.nn.functional as F
@@ -384,18 +383,29 @@ def _check_decays(name: str, decays, values: dict) -> None:
     functions = {"exp": torch.exp, "log": torch.log, "sqrt": torch.sqrt, "Abs": torch.abs,
                  "tanh": torch.tanh, "sigmoid": torch.sigmoid, "logsigmoid": F.logsigmoid,
                  "softplus": F.softplus, "relu": torch.relu, "elu": F.elu, "silu": F.silu}
-    for state, gate in decays:
-        symbols = sorted(gate.free_symbols, key=lambda symbol: symbol.name)
-        args = [values.get(symbol.name) for symbol in symbols]
+    symbols = sorted(gate.free_symbols, key=lambda symbol: symbol.name)
+    try:
+        return tuple(symbol.name for symbol in symbols), sp.lambdify(symbols, gate, modules=[functions])
+    except (NameError, TypeError) as err:
+        log.debug("log gate %s has no torch function here: %s", gate, err)
+        return (), None
+
+
+def _check_decays(name: str, decays, values: dict) -> None:
+    """Raise if a decay the analysis could not prove <= 1 exceeds it on this call's values:
+    the chunk forms assume decaying states and would return wrong values (CHUNKFORMS.md).
+    `decays`: (state, log gate, (names, function)); `values`: inputs [B, T, H, D], weights,
+    params by name. On a GPU the check is an asynchronous device-side assert (no host sync);
+    it is left out while a CUDA graph captures."""
+    import torch
+
+    for state, gate, (names, function) in decays:
+        args = [values.get(n) for n in names]
         tensors = [a for a in args if torch.is_tensor(a)]
-        if any(a is None for a in args) or (tensors and tensors[0].is_cuda
-                                            and torch.cuda.is_current_stream_capturing()):
+        if function is None or any(a is None for a in args) or (
+                tensors and tensors[0].is_cuda and torch.cuda.is_current_stream_capturing()):
             continue
-        try:
-            log_decay = torch.as_tensor(sp.lambdify(symbols, gate, modules=[functions])(*args))
-        except (NameError, TypeError) as err:  # a function with no torch twin here
-            log.debug("decay of %s's state %s not checked: %s", name, state, err)
-            continue
+        log_decay = torch.as_tensor(function(*args))
         message = (f"`{name}`: state `{state}` decays by exp({gate}) per step, which the chunked "
                    f"kernels need to be <= 1 ({gate} <= 0, a log-space decay): pass log decays (e.g. "
                    f"-softplus(x) or logsigmoid(x)); a growing state has no chunked form. "

@@ -406,7 +406,7 @@ def test_several_states_need_a_tuple():
 def test_decays_the_analysis_cannot_prove_are_the_ones_checked():
     import attnc
 
-    unproven = {name: [str(gate) for _, gate in attnc.load(name)._unproven_decays]
+    unproven = {name: [str(gate) for _, gate, _ in attnc.load(name)._unproven_decays]
                 for name in ("gla", "hgrn2", "mamba2", "rwkv6", "deltanet", "gated_deltanet", "kda", "retnet")}
     assert unproven == {"gla": [], "hgrn2": [], "mamba2": [], "rwkv6": [], "deltanet": [],
                         "gated_deltanet": ["alpha"], "kda": ["g"], "retnet": ["log_gamma"]}
