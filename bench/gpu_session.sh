@@ -14,7 +14,9 @@
 #                                  processes); no GPU work
 #   bench/gpu_session.sh forms [SPECS]  each kernel's time with the forward in one pass and
 #                                  through chunk states (fused_forward=1 / 0, no tuning;
-#                                  writes forms-1/ and forms-0/ under the results folder)
+#                                  writes forms-1/ and forms-0/ under the results folder),
+#                                  then the delta rule's state passes unpipelined
+#                                  (state_stages=1, beside forms-1/: forms-stages-1/)
 #   bench/gpu_session.sh diag [SPECS]  each kernel's time with a per-channel gate's chunks
 #                                  taken whole where their span allows (the default; the
 #                                  benchmark's gates do), by sub-chunks with the diagonal
@@ -70,17 +72,20 @@ timeout 560 python3 bench/kernel_times.py "$@" --out "$out" 2>&1 | tee -a "$out/
 forms)
 [ $# -gt 0 ] || set -- mamba2 gla deltanet gated_deltanet
 for fused in 1 0; do
-    ATTNC_AUTOTUNE=off timeout 270 python3 bench/kernel_times.py "$@" --calls 10 --config fused_forward=$fused \
+    ATTNC_AUTOTUNE=off timeout 230 python3 bench/kernel_times.py "$@" --calls 10 --config fused_forward=$fused \
         --out "$out/forms-$fused" 2>&1 | tee -a "$out/forms.log"
-done ;;
+done
+delta=$(printf '%s\n' "$@" | grep delta | tr '\n' ' ')
+[ -z "$delta" ] || ATTNC_AUTOTUNE=off timeout 120 python3 bench/kernel_times.py $delta --calls 10 \
+    --config fused_forward=1,state_stages=1 --out "$out/forms-stages-1" 2>&1 | tee -a "$out/forms.log" ;;
 diag)
 [ $# -gt 0 ] || set -- gla
-ATTNC_AUTOTUNE=off timeout 180 python3 bench/kernel_times.py "$@" --calls 10 --out "$out/diag-whole" 2>&1 \
+ATTNC_AUTOTUNE=off timeout 140 python3 bench/kernel_times.py "$@" --calls 10 --out "$out/diag-whole" 2>&1 \
     | tee -a "$out/diag.log"
-ATTNC_AUTOTUNE=off timeout 180 python3 bench/kernel_times.py "$@" --calls 10 --config whole_chunk=0 \
+ATTNC_AUTOTUNE=off timeout 140 python3 bench/kernel_times.py "$@" --calls 10 --config whole_chunk=0 \
     --out "$out/diag-factored" 2>&1 | tee -a "$out/diag.log"
 for loop in 0 1; do
-    ATTNC_AUTOTUNE=off timeout 180 python3 bench/kernel_times.py "$@" --calls 10 \
+    ATTNC_AUTOTUNE=off timeout 140 python3 bench/kernel_times.py "$@" --calls 10 \
         --config exact_diag=1,diag_loop=$loop --out "$out/diag-$loop" 2>&1 | tee -a "$out/diag.log"
 done ;;
 esac

@@ -2,7 +2,7 @@
 
 A config is one flat dict: `chunk_size` plus overrides of the launchers' defaults, named as
 in the chunk templates' TUNABLE (num_warps, num_stages, block_k, block_v, state_block_v;
-the diagonal family's fused_forward, fused_block_v),
+the diagonal family's fused_forward, fused_block_v; the delta family's state_stages),
 e.g. {"chunk_size": 64, "num_warps": 8}. A key left out keeps the template's default; one
 config serves every chunk call of an op (blocks wider than a call's dimension are narrowed
 by the launchers).
@@ -52,6 +52,9 @@ FAST_VARIANTS = (
     {"num_warps": 2},
     {"num_stages": 1},
     {"state_block_v": 16},  # more programs for long sequences in small batches
+    # the delta rule's state passes unpipelined (their default pipelines them; the other
+    # family's launchers reject the key, so it is no candidate there)
+    {"state_stages": 1},
     # the forward through chunk states where the one pass is the default (many sequences x
     # heads); where it is not, this repeats the defaults (candidates are not planned for a
     # batch) and costs one timing, not a compile: its kernels are the defaults'
@@ -133,8 +136,9 @@ def shared_memory_estimate(kind: str, plan, itemsize: int) -> int:
     if kind == "delta":
         SBK = plan.state_block_k
         chunk_parallel = stages * (BT * BK + BT * BV) * itemsize + 2 * BT * BT * 4
-        # one stage (see the template): k, w and u tiles and the state as a dot operand
-        state_pass = (2 * BT * SBK + BT * SBV + SBK * SBV) * itemsize
+        # k, w and u tiles per pipeline stage, and the state as a dot operand
+        state_stages = max(plan.state_pass_stages(False), plan.state_pass_stages(True))
+        state_pass = (state_stages * (2 * BT * SBK + BT * SBV) + SBK * SBV) * itemsize
         # one stage; holds the fp32 scores, inverse and their gradient
         backward_wy = 2 * (BT * BK + BT * BV + BK * BV) * itemsize + 3 * BT * BT * 4
         return max(chunk_parallel, state_pass, backward_wy)
@@ -232,7 +236,7 @@ def _tuning_values(plan) -> tuple:
     # candidates' plans do not know: only what a config asks for tells candidates apart)
     return (plan.chunk_size, plan.num_warps, plan.num_stages, plan.block_k, plan.block_v,
             plan.state_block_v, getattr(plan, "fused_forward_asked", None),
-            getattr(plan, "fused_block_v", None))
+            getattr(plan, "fused_block_v", None), getattr(plan, "state_stages_asked", None))
 
 
 # --- timing --------------------------------------------------------------------------

@@ -42,6 +42,8 @@ def test_candidates_are_valid_and_fit_shared_memory(name):
     # narrower state blocks are a candidate of their own (the defaults narrow them only for
     # few sequences, which candidates are not planned for)
     assert {"chunk_size": 64, "state_block_v": 16} in fast
+    # the delta rule's state passes unpipelined: a key the diagonal family's launchers reject
+    assert ({"chunk_size": 64, "state_stages": 1} in fast) == (name == "deltanet")
     assert {c["chunk_size"] for c in full} <= set(autotune.CHUNK_SIZES)
     for config in full:
         for kind, plan in _effective(op, config, dims):

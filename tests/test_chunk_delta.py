@@ -342,6 +342,51 @@ def test_state_passes_spread_few_sequences_over_the_gpu():
     assert plan(1, interpret=True).state_block_v == 32
 
 
+def test_state_passes_pipeline_by_default():
+    """The sequential passes that write states (chunk_state_fwd through chunk states) or their
+    gradients (chunk_state_bwd) prefetch the next chunk's tiles: (2, 3) stages at K <= 128,
+    (2, 2) with a per-channel gate, one at K = 256, capped by an H100's shared memory;
+    a config's state_stages sets both, and is checked."""
+    def plan(gate="scalar", K=128, chunk_size=64, **config):
+        module = ChunkDeltaFunction.module_for(DeltaKernelSpec("delta", gate))
+        q = torch.empty(16, 1, 16, K, dtype=torch.bfloat16, device="meta")
+        made = module._Plan(q, q, None, chunk_size, False, "tf32", False, config or None)
+        return made.state_pass_stages(backward=False), made.state_pass_stages(backward=True)
+
+    assert plan() == (2, 3)
+    assert plan(K=64) == (2, 3)
+    assert plan("channel") == (2, 2)
+    assert plan(K=256) == (1, 1)
+    assert plan(chunk_size=128) == (2, 2)      # 3 stages of [128, 128] tiles would not fit
+    assert plan(state_stages=1) == (1, 1)
+    assert plan(K=256, state_stages=3) == (3, 3)
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="state_stages"):
+            plan(state_stages=bad)
+
+
+def test_the_launches_take_the_state_stages():
+    """Recorded as on a GPU: the one pass runs one stage (pipelined it spilled registers on
+    sm_90), the state passes through chunk states the plan's stages."""
+    import attnc
+    from attnc.runtime.launches import record
+
+    op = attnc.load("deltanet")
+    stages = {}
+    for fused in (0, 1):
+        trace = record(op, B=16, T=128, H=16, dims={"K": 128, "V": 128}, dtype=torch.bfloat16, step=False,
+                       config={"fused_forward": fused})
+        for launch in trace.launches():
+            if "chunk_state" in launch.name:
+                stages[launch.phase, launch.name, fused] = launch.options["num_stages"]
+    assert stages == {("forward", "deltanet_S_chunk_state_fwd", 1): 1,
+                      ("forward", "deltanet_S_chunk_state_fwd", 0): 2,
+                      ("backward", "deltanet_S_chunk_state_fwd", 0): 2,
+                      ("backward", "deltanet_S_chunk_state_fwd", 1): 2,
+                      ("backward", "deltanet_S_chunk_state_bwd", 0): 3,
+                      ("backward", "deltanet_S_chunk_state_bwd", 1): 3}
+
+
 @pytest.mark.parametrize("case", FORWARD_CASES, ids=str)
 def test_one_pass_and_chunked_forwards_match_the_recurrence(case):
     inputs = make_inputs(case)
