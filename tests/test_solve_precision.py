@@ -2,7 +2,8 @@
 products ("tf32x3") on a GPU. The interpreter's dots are fp32 whatever they are asked;
 under ATTNC_EMULATE_GPU_DOTS=1 the kernels emulate tf32x3 (`_dot_fp32` with PRECISION
 "rounded"). These tests check that emulation and the accuracy it gives: fp32's, where one
-tf32 product gives about 1e-3."""
+tf32 product gives about 1e-3. The backward's products with the inverse are one tf32
+product (`_dot_grad`), emulated as one."""
 import pytest
 import torch
 import triton
@@ -15,7 +16,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(DEVICE == "cuda", reason="checks the interpreter's emulation of tf32")
 
 MODULE = ChunkDeltaFunction.module_for(DeltaKernelSpec("delta", "none"))
-_dot_fp32, _tf32 = MODULE._dot_fp32, MODULE._tf32
+_dot_fp32, _dot_grad, _tf32 = MODULE._dot_fp32, MODULE._dot_grad, MODULE._tf32
 
 
 @triton.jit
@@ -24,6 +25,14 @@ def _product(a, b, c, N: tl.constexpr, PRECISION: tl.constexpr):
     x = tl.load(a + i[:, None] * N + i[None, :])
     y = tl.load(b + i[:, None] * N + i[None, :])
     tl.store(c + i[:, None] * N + i[None, :], _dot_fp32(x, y, PRECISION))
+
+
+@triton.jit
+def _grad_product(a, b, c, N: tl.constexpr, PRECISION: tl.constexpr):
+    i = tl.arange(0, N)
+    x = tl.load(a + i[:, None] * N + i[None, :])
+    y = tl.load(b + i[:, None] * N + i[None, :])
+    tl.store(c + i[:, None] * N + i[None, :], _dot_grad(x, y, PRECISION))
 
 
 @triton.jit
@@ -62,6 +71,26 @@ def test_emulated_tf32x3_products_have_fp32_accuracy():
     assert error("ieee") < 1e-6
 
 
+def test_backward_products_with_the_inverse_are_one_tf32_product():
+    torch.manual_seed(1)
+    N = 64
+    a = torch.linalg.inv(torch.eye(N) + torch.tril(torch.rand(N, N) * 0.3, -1)).contiguous()
+    b = torch.randn(N, N)
+    exact = a.double() @ b.double()
+    one_tf32 = _round_all(a).double() @ _round_all(b).double()
+
+    def product(precision):
+        c = torch.full((N, N), float("nan"))
+        _grad_product[(1,)](a, b, c, N=N, PRECISION=precision)
+        return c.double()
+
+    rounded = product("rounded")
+    # the emulation is one tf32 product summed in fp32: one_tf32 up to fp32 sums
+    assert ((rounded - one_tf32).norm() / exact.norm()).item() < 1e-6
+    assert 1e-4 < ((rounded - exact).norm() / exact.norm()).item() < 2e-3
+    assert ((product("ieee") - exact).norm() / exact.norm()).item() < 1e-6
+
+
 def _round_all(x):
     y = torch.empty_like(x).reshape(-1)
     _round[(1,)](x.reshape(-1).contiguous(), y, N=x.numel())
@@ -69,7 +98,8 @@ def _round_all(x):
 
 
 def test_delta_rule_under_emulated_gpu_dots(monkeypatch):
-    """gated_deltanet in bf16 with every dot rounded as on a GPU, the solve's in tf32x3:
+    """gated_deltanet in bf16 with every dot rounded as on a GPU, the solve's in tf32x3 and
+    the backward's products with the inverse in tf32:
     values and gradients within bf16's error of the fp64 recurrence. (Measured at T = 200,
     K = V = 32: the same errors to three digits as with the solve in plain fp32, 5e-3 to
     9e-3; deltanet and kda likewise.)"""
