@@ -111,6 +111,8 @@ CASES = [
     Case("scalar", T=512, K=16, V=16, H=1, gates="strong"),
     Case("channel", T=512, K=16, V=16, H=1, gates="strong"),
     Case("scalar", T=512, K=16, V=16, H=1, gates="moderate", final=False),
+    # wider than WIDE_K: the reverse state pass keeps its tiles in the dots' dtype
+    Case("scalar", T=70, K=256, V=16, H=1),
 ]
 
 
@@ -406,6 +408,30 @@ def test_one_pass_and_chunked_forwards_match_the_recurrence(case):
         results[fused] = (o.double(), ht.double())
     for chunked, one_pass in zip(results[0], results[1]):
         assert rel_rms(one_pass, chunked) <= (2e-3 if bf16 else FP32_TOLERANCE / 10)
+
+
+def test_wide_reverse_state_pass_under_emulated_gpu_dots(monkeypatch):
+    """K = 256 > WIDE_K: chunk_state_bwd keeps its [BT, K] tiles in the dots' dtype (bf16 on
+    a GPU), not fp32. With the interpreter rounding every dot as a GPU does, values and
+    gradients stay within bf16's error of the fp64 recurrence."""
+    monkeypatch.setenv("ATTNC_EMULATE_GPU_DOTS", "1")
+    case = Case("scalar", T=70, K=256, V=16, H=1, dtype=torch.bfloat16)
+    torch.manual_seed(zlib.crc32(str(case).encode()))
+    inputs = make_inputs(case)
+    ref_o, ref_ht = naive_recurrence(*[None if x is None else x.double() for x in inputs[:6]], None)
+    do, dht = torch.randn_like(ref_o), torch.randn_like(ref_ht)
+    ref_o, ref_ht, ref_grads = run_and_differentiate(naive_recurrence, inputs, do, dht)
+
+    def under_test(q, k, v, beta, g, h0, cu_seqlens):
+        return chunk_delta(q, k, v, beta, g, h0, cu_seqlens, output_final_state=True, backend="triton",
+                           input_precision="ieee", poison=True)
+
+    o, ht, grads = run_and_differentiate(under_test, inputs, do, dht)
+    assert rel_rms(o, ref_o) <= BF16_OPERANDS_TOLERANCE, f"o: rel RMS {rel_rms(o, ref_o):.2e}"
+    assert rel_rms(ht, ref_ht) <= BF16_OPERANDS_TOLERANCE, f"ht: rel RMS {rel_rms(ht, ref_ht):.2e}"
+    for label, grad, ref in zip(("q", "k", "v", "beta", "g", "h0"), grads, ref_grads):
+        tolerance = BF16_OPERANDS_GATE_TOLERANCE if label == "g" else BF16_OPERANDS_TOLERANCE
+        assert rel_rms(grad, ref) <= tolerance, f"d{label}: rel RMS {rel_rms(grad, ref):.2e}"
 
 
 def test_fused_forward_config_is_checked():
