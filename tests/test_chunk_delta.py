@@ -410,12 +410,13 @@ def test_one_pass_and_chunked_forwards_match_the_recurrence(case):
         assert rel_rms(one_pass, chunked) <= (2e-3 if bf16 else FP32_TOLERANCE / 10)
 
 
-def test_wide_reverse_state_pass_under_emulated_gpu_dots(monkeypatch):
+@pytest.mark.parametrize("gate", ["scalar", "channel"])
+def test_wide_reverse_state_pass_under_emulated_gpu_dots(monkeypatch, gate):
     """K = 256 > WIDE_K: chunk_state_bwd keeps its [BT, K] tiles in the dots' dtype (bf16 on
     a GPU), not fp32. With the interpreter rounding every dot as a GPU does, values and
     gradients stay within bf16's error of the fp64 recurrence."""
     monkeypatch.setenv("ATTNC_EMULATE_GPU_DOTS", "1")
-    case = Case("scalar", T=70, K=256, V=16, H=1, dtype=torch.bfloat16)
+    case = Case(gate, T=70, K=256, V=16, H=1, dtype=torch.bfloat16)
     torch.manual_seed(zlib.crc32(str(case).encode()))
     inputs = make_inputs(case)
     ref_o, ref_ht = naive_recurrence(*[None if x is None else x.double() for x in inputs[:6]], None)
