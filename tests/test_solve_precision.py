@@ -20,19 +20,15 @@ _dot_fp32, _dot_grad, _tf32 = MODULE._dot_fp32, MODULE._dot_grad, MODULE._tf32
 
 
 @triton.jit
-def _product(a, b, c, N: tl.constexpr, PRECISION: tl.constexpr):
+def _product(a, b, c, N: tl.constexpr, PRECISION: tl.constexpr, GRAD: tl.constexpr = False):
+    # the solve's product (_dot_fp32), or with GRAD the backward's (_dot_grad)
     i = tl.arange(0, N)
     x = tl.load(a + i[:, None] * N + i[None, :])
     y = tl.load(b + i[:, None] * N + i[None, :])
-    tl.store(c + i[:, None] * N + i[None, :], _dot_fp32(x, y, PRECISION))
-
-
-@triton.jit
-def _grad_product(a, b, c, N: tl.constexpr, PRECISION: tl.constexpr):
-    i = tl.arange(0, N)
-    x = tl.load(a + i[:, None] * N + i[None, :])
-    y = tl.load(b + i[:, None] * N + i[None, :])
-    tl.store(c + i[:, None] * N + i[None, :], _dot_grad(x, y, PRECISION))
+    if GRAD:
+        tl.store(c + i[:, None] * N + i[None, :], _dot_grad(x, y, PRECISION))
+    else:
+        tl.store(c + i[:, None] * N + i[None, :], _dot_fp32(x, y, PRECISION))
 
 
 @triton.jit
@@ -52,43 +48,41 @@ def test_tf32_rounds_to_ten_mantissa_bits_to_nearest():
     assert not torch.equal(y, x)
 
 
-def test_emulated_tf32x3_products_have_fp32_accuracy():
-    torch.manual_seed(0)
-    N = 64
-    # a unit lower triangular inverse times a gradient-like tile, as the solve's products
+def _solve_like_operands(seed, N=64):
+    """A unit lower triangular inverse and a gradient-like tile, as the solve's products
+    take them, and their exact product."""
+    torch.manual_seed(seed)
     a = torch.linalg.inv(torch.eye(N) + torch.tril(torch.rand(N, N) * 0.3, -1)).contiguous()
     b = torch.randn(N, N)
-    exact = a.double() @ b.double()
+    return a, b, a.double() @ b.double()
 
-    def error(precision):
-        c = torch.full((N, N), float("nan"))
-        _product[(1,)](a, b, c, N=N, PRECISION=precision)
-        return ((c.double() - exact).norm() / exact.norm()).item()
 
-    one_tf32 = ((_round_all(a).double() @ _round_all(b).double() - exact).norm() / exact.norm()).item()
-    assert one_tf32 > 1e-4          # what a single tf32 product loses
-    assert error("rounded") < 1e-6  # tf32x3, emulated
-    assert error("ieee") < 1e-6
+def _run_product(a, b, precision, grad=False):
+    c = torch.full(a.shape, float("nan"))
+    _product[(1,)](a, b, c, N=a.shape[0], PRECISION=precision, GRAD=grad)
+    return c.double()
+
+
+def _error(c, exact):
+    return ((c - exact).norm() / exact.norm()).item()
+
+
+def test_emulated_tf32x3_products_have_fp32_accuracy():
+    a, b, exact = _solve_like_operands(0)
+    one_tf32 = _error(_round_all(a).double() @ _round_all(b).double(), exact)
+    assert one_tf32 > 1e-4                                        # what a single tf32 product loses
+    assert _error(_run_product(a, b, "rounded"), exact) < 1e-6    # tf32x3, emulated
+    assert _error(_run_product(a, b, "ieee"), exact) < 1e-6
 
 
 def test_backward_products_with_the_inverse_are_one_tf32_product():
-    torch.manual_seed(1)
-    N = 64
-    a = torch.linalg.inv(torch.eye(N) + torch.tril(torch.rand(N, N) * 0.3, -1)).contiguous()
-    b = torch.randn(N, N)
-    exact = a.double() @ b.double()
+    a, b, exact = _solve_like_operands(1)
     one_tf32 = _round_all(a).double() @ _round_all(b).double()
-
-    def product(precision):
-        c = torch.full((N, N), float("nan"))
-        _grad_product[(1,)](a, b, c, N=N, PRECISION=precision)
-        return c.double()
-
-    rounded = product("rounded")
+    rounded = _run_product(a, b, "rounded", grad=True)
     # the emulation is one tf32 product summed in fp32: one_tf32 up to fp32 sums
-    assert ((rounded - one_tf32).norm() / exact.norm()).item() < 1e-6
-    assert 1e-4 < ((rounded - exact).norm() / exact.norm()).item() < 2e-3
-    assert ((product("ieee") - exact).norm() / exact.norm()).item() < 1e-6
+    assert _error(rounded, exact) > 1e-4 and _error(rounded, one_tf32) < 1e-6
+    assert _error(rounded, exact) < 2e-3
+    assert _error(_run_product(a, b, "ieee", grad=True), exact) < 1e-6
 
 
 def _round_all(x):
