@@ -244,9 +244,11 @@ def test_render_names_kernels_and_reads_like_code(gate):
     source = render(spec)
     compile(source, f"<{spec.name}>", "exec")
     kernels = re.findall(r"^def (\w+)\(", source, flags=re.M)
-    for suffix in ("intra_scores", "wy_solve", "chunk_state_fwd", "chunk_output_fwd",
+    for suffix in ("wy_solve", "chunk_state_fwd", "chunk_output_fwd",
                    "chunk_state_bwd", "chunk_bwd_wy", "chunk_bwd_intra"):
         assert f"{spec.name}_{suffix}" in kernels
+    # a scores kernel of its own only where the decay sits inside the channel sum
+    assert (f"{spec.name}_intra_scores" in kernels) == (gate == "channel")
     assert (f"{spec.name}_gate_cumsum" in kernels) == (gate != "none")
     assert "{{" not in source and "{%" not in source
     assert "\n\n\n\n" not in source, "template whitespace leaks into the generated code"
@@ -542,7 +544,7 @@ def test_kernels_normalise_q_and_k_as_they_load_them(case):
                                   Case("scalar", T=70, K=80, V=16, chunk_size=32)], ids=str)
 @pytest.mark.parametrize("fused", [0, 1])
 def test_forward_computes_the_norms_in_the_first_kernels_that_read_q_and_k(case, fused, record_launches):
-    """l2norm_k / l2norm_q: 1 / ||k|| comes from intra_scores and 1 / ||q|| from the output
+    """l2norm_k / l2norm_q: 1 / ||k|| comes from wy_solve and 1 / ||q|| from the output
     kernel (the one pass, or chunk_output_fwd: fused_forward 1 / 0), which read k and q
     anyway, and not from passes of their own: the values inverse_norms computes (to
     rounding: summed over K blocks), for every token (poisoned buffers), handed to the
