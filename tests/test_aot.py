@@ -165,6 +165,21 @@ def test_delta_kernels_fit_in_registers_at_the_benchmark_width():
     assert kernels["gated_deltanet_S_chunk_bwd_wy"]["spill_bytes"] <= 256
 
 
+def test_wy_solve_computes_its_scores_without_losing_occupancy():
+    """deltanet's wy_solve computes L = K K^T from its K tiles before the solve (no scores
+    kernel): compiled for an H100 at K = V = 128 it holds no more registers than four
+    programs of four warps per SM leave (the solve alone took 103; with the scores step
+    inlined 141) and spills none."""
+    run = run_cli("aot", "deltanet", "--shape", "1,256,16,128,128", "--no-backward", "--json")
+    assert run.returncode == 0, run.stderr
+    (report,) = json.loads(run.stdout)
+    names = [k["name"] for k in report["kernels"]]
+    assert "deltanet_S_intra_scores" not in names, names
+    (solve,) = [k for k in report["kernels"] if k["name"] == "deltanet_S_wy_solve"]
+    assert solve["num_warps"] == 4 and solve["spill_bytes"] == 0, solve
+    assert solve["registers"] <= 65536 // (4 * 4 * 32), solve
+
+
 CHUNK_SPECS = ["linear_attn", "retnet", "mamba2", "gla", "hgrn2", "rwkv6", "deltanet",
                "gated_deltanet", "kda"]
 
