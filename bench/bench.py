@@ -264,8 +264,8 @@ def bench_decode(spec_name, B, H, D, dtype, device, bandwidth):
 
 
 def cold_start(spec_name, device, B, T, H, D, profile_to=None):
-    """First call in a fresh process with an empty cache (codegen, compile, tuning) and
-    with the cache that run left (warm). torch is imported and the device initialised
+    """First call in a fresh process with empty caches, attnc's and Triton's (codegen,
+    compile, tuning), and with the caches that run left (warm). torch is imported and the device initialised
     before the clock starts (a training script has both before it calls attnc; the
     device's start-up is reported apart, as "init s"); the clock covers `import attnc`,
     `attnc.load` and the first call. `profile_to`: a file for the warm run's cProfile
@@ -295,7 +295,9 @@ def cold_start(spec_name, device, B, T, H, D, profile_to=None):
         " 'call': t4 - t3, 'total': t4 - t0 - (t3 - t2)}))\n")
     times = []
     with tempfile.TemporaryDirectory() as cache:
-        env = dict(os.environ, ATTNC_CACHE_DIR=cache)
+        # Triton's own cache too: compiled kernels left there by earlier runs would make the
+        # cold start look warm
+        env = dict(os.environ, ATTNC_CACHE_DIR=cache, TRITON_CACHE_DIR=os.path.join(cache, "triton"))
         for warm in (False, True):
             profile = "1" if warm and profile_to else "0"
             run = subprocess.run([sys.executable, "-c", child, profile], env=env,

@@ -213,3 +213,27 @@ def test_sass_counts_reads_loop_bodies_of_a_real_kernel():
     assert labels == {"L_x_0": 0x10} and [op for _, op, _ in code][1] == "MUFU.EX2"
     (start, end, body), = sass_counts.loops(code, labels)
     assert (start, end, body["total"], body["EX2"], body["BAR"]) == (0x10, 0x30, 3, 1, 1)
+
+
+def test_cold_start_children_start_with_empty_caches(monkeypatch, tmp_path):
+    """The cold-start row's first child finds neither attnc's kernels nor Triton's compiled
+    ones (left by earlier runs, they would make a cold start look warm); the second child
+    finds what the first left in both."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "warm-from-earlier-runs"))
+    seen = []
+
+    def child(argv, env, **kwargs):
+        seen.append((env["ATTNC_CACHE_DIR"], env["TRITON_CACHE_DIR"],
+                     Path(env["ATTNC_CACHE_DIR"]).exists() and any(Path(env["ATTNC_CACHE_DIR"]).iterdir())))
+        times = '{"init": 0, "import": 0, "load": 0, "call": 1, "total": 1}'
+        return subprocess.CompletedProcess(argv, 0, stdout=times + "\n", stderr="")
+
+    monkeypatch.setattr(bench.subprocess, "run", child)
+    row = bench.cold_start("gla", "cpu", 1, 64, 2, 16)
+    assert row["first call s"] == 1 and row["warm first call s"] == 1
+    (cold_attnc, cold_triton, cold_filled), (warm_attnc, warm_triton, _) = seen
+    assert not cold_filled
+    assert cold_triton.startswith(cold_attnc) and "warm-from-earlier-runs" not in cold_triton
+    assert (warm_attnc, warm_triton) == (cold_attnc, cold_triton)
