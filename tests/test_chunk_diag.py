@@ -729,7 +729,7 @@ BF16_STATES_GATE_TOLERANCE = 5e-2
 @pytest.mark.parametrize("case", [Case("scalar", vgate=True, T=100, K=32, V=16, dtype=torch.bfloat16),
                                   Case("channel", exclusive=True, T=100, K=16, V=32, dtype=torch.bfloat16)],
                          ids=str)
-def test_bf16_chunk_states_as_on_a_gpu(case, gpu_operand_storage):
+def test_bf16_chunk_states_as_on_a_gpu(case, gpu_operand_storage, monkeypatch):
     from attnc.runtime.chunk_diag_op import ChunkDiagFunction
     torch.manual_seed(0)
     inputs = make_inputs(case)
@@ -752,19 +752,36 @@ def test_bf16_chunk_states_as_on_a_gpu(case, gpu_operand_storage):
     stored = []
 
     def record(shape, dtype):
-        if tuple(shape[-2:]) == (case.K, case.V):
-            stored.append(dtype)
+        stored.append((tuple(shape), dtype))
 
     gpu_operand_storage(module, record)
+    decayed = []
+    decayed_buffers = module._decayed_buffers
+
+    def record_decayed(q, k, plan):
+        buffers = decayed_buffers(q, k, plan)
+        decayed.extend(buffer.dtype for buffer in buffers)
+        return buffers
+
+    monkeypatch.setattr(module, "_decayed_buffers", record_decayed)
     o, ht, grads = run_and_differentiate(under_test, inputs, do, dht)
     # states (forward, backward) and dstates in bf16; final states, dh0 fp32 (the backward
     # recomputes the final state only for the V-side gate gradient)
     bf16, fp32 = torch.bfloat16, torch.float32
     backward_final = [fp32] if case.vgate else []
-    assert stored == [bf16, fp32, bf16, *backward_final, bf16, fp32], stored
+    states = [dtype for shape, dtype in stored if shape[-2:] == (case.K, case.V)]
+    assert states == [bf16, fp32, bf16, *backward_final, bf16, fp32], stored
+    # With a per-channel gate the forward's state and output passes read q and k with their
+    # decays inside, which the scores kernel stores in the dots' dtype too: the final state
+    # then has the one bf16 rounding of each update's keys that a GPU's dots give it (fp32
+    # dots on exact keys before; measured 1.4e-3 here, o 1.7e-3); without one it stays exact
+    # to fp32.
+    channel = case.gate == "channel"
+    assert decayed == ([bf16, bf16, fp32] if channel else []), decayed
     assert not torch.equal(o, fp32_states[0]), "the bf16 states were not used"
     assert rel_rms(o, ref_o) <= BF16_STATES_TOLERANCE, f"o: rel RMS {rel_rms(o, ref_o):.2e}"
-    assert rel_rms(ht, ref_ht) <= FP32_TOLERANCE, "the final state stays fp32"
+    ht_tolerance = BF16_STATES_TOLERANCE if channel else FP32_TOLERANCE
+    assert rel_rms(ht, ref_ht) <= ht_tolerance, f"ht: rel RMS {rel_rms(ht, ref_ht):.2e}"
     for label, grad, ref in zip(("q", "k", "v", "g", "gv", "h0"), grads, ref_grads):
         if ref is None:
             continue
