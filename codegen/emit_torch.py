@@ -202,6 +202,10 @@ def emit_plan(plan: ChunkPlan, version: str) -> str:
         prologue_args=", ".join(f'values["{x}"]' for x in prologue.inputs),
         epilogue_args=", ".join(f'reads["{x}"]' if x in placeholders else f'values["{x}"]'
                                 for x in epilogue.inputs),
+        # every output a chunk call's readout as it is: no epilogue Function to run
+        readouts_as_outputs=(None if epilogue.program.steps
+                             or any(v not in placeholders for _, v in epilogue.outputs)
+                             else [v for _, v in epilogue.outputs]),
         calls=calls,
         states=[s.name for s in spec.states],
         l2norm_eps=repr(L2NORM_EPS),

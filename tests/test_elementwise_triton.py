@@ -15,6 +15,7 @@ import torch
 import attnc
 from attnc.codegen.emit_torch import elementwise_parts, emit_elementwise
 from attnc.codegen.plan import plan_chunks
+from attnc.runtime.sampling import random_arguments
 from attnc.runtime.verify import verify
 
 from test_ops_diag import ZOO  # the spec that uses every function of the language
@@ -199,6 +200,27 @@ def test_plan_runs_the_fused_parts_on_triton():
     fused = plan.elementwise("triton")
     assert [f.__module__.split("_")[2:4] for f in fused] == [["hgrn2", "prologue"], ["hgrn2", "epilogue"]]
     assert emit_elementwise(plan_chunks(op.analysis)).keys() == {"hgrn2_prologue", "hgrn2_epilogue"}
+
+
+@pytest.mark.parametrize("name, runs_epilogue", [("mamba2", False), ("gla", False), ("deltanet", False),
+                                                  ("hgrn2", False), ("rwkv6", True)])
+def test_plan_runs_no_epilogue_where_the_outputs_are_readouts(name, runs_epilogue, monkeypatch):
+    """Where every output is a chunk call's readout as it is (mamba2's D * x is added by its
+    chunk kernel), the plan hands the readouts back without an epilogue Function, which
+    costs host time on every call; rwkv6's epilogue (its u-bonus term) still runs."""
+    op = attnc.load(name)
+    plan_source = op.sources()[f"{name}_plan.py"]
+    assert ("outputs = epilogue.apply(" in plan_source) == runs_epilogue
+    plan = op.plan_module()
+    _, epilogue = plan.elementwise("triton")
+    applied = []
+    apply = epilogue.apply
+    monkeypatch.setattr(epilogue, "apply", lambda *args: applied.append(1) or apply(*args))
+    args = random_arguments(op.analysis, B=1, T=20, H=2, dims={"K": 16, "V": 16})
+    out, _ = op(**args, backend="triton")
+    assert len(applied) == int(runs_epilogue)
+    ref, _ = op.reference(**args)
+    assert _rel(out, ref) <= 1e-4
 
 
 @pytest.mark.parametrize("name, gate_input, forward, derivative", [
