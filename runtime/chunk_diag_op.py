@@ -55,8 +55,14 @@ class ChunkDiagFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, gv, h0, cu_seqlens, spec, output_final_state, options, scale,
-                out_dtype, residual, residual_scale, key_scale):
+                out_dtype, residual, residual_scale, key_scale, keep):
         module = ChunkDiagFunction.module_for(spec)
+        if not keep:
+            # no backward can follow (grad mode off, or no input needs a gradient): nothing
+            # to keep, and the kernels skip what only the backward would read
+            return module.forward(q, k, v, g, gv, h0, cu_seqlens, output_final_state, scale=scale,
+                                  out_dtype=out_dtype, residual=residual, residual_scale=residual_scale,
+                                  key_scale=key_scale, **options.as_kwargs())
         o, ht, saved = module.forward(q, k, v, g, gv, h0, cu_seqlens, output_final_state,
                                       scale=scale, out_dtype=out_dtype, residual=residual,
                                       residual_scale=residual_scale, key_scale=key_scale, keep=True,
@@ -82,7 +88,7 @@ class ChunkDiagFunction(torch.autograd.Function):
     def backward(ctx, do, dht):
         (q, k, v, gate, raw_gate, vgate, scores, h0, cu_seqlens, o, residual, residual_scale,
          key_scale) = ctx.saved_tensors
-        nothing = (None,) * 15
+        nothing = (None,) * 16
         if do is None and dht is None:
             return nothing
         if do is None:
@@ -107,7 +113,7 @@ class ChunkDiagFunction(torch.autograd.Function):
                                              for t in (h0, residual, residual_scale, key_scale))))
         )
         return (dq, dk, dv, dg, dgv, dh0, None, None, None, None, None, None, d_residual, d_residual_scale,
-                d_key_scale)
+                d_key_scale, None)
 
 
 def chunk_diag(q, k, v, g=None, gv=None, h0=None, cu_seqlens=None, *, exclusive: bool,
@@ -161,8 +167,10 @@ def chunk_diag(q, k, v, g=None, gv=None, h0=None, cu_seqlens=None, *, exclusive:
         return o.to(out_dtype or torch.float32), ht
     options = LaunchOptions.for_call(q.device, chunk_size=chunk_size, input_precision=input_precision,
                                      poison=poison, config=config)
+    keep = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, g, gv, h0, residual, residual_scale, key_scale))
     return ChunkDiagFunction.apply(q, k, v, g, gv, h0, cu_seqlens, spec, output_final_state, options,
-                                   float(scale), out_dtype, residual, residual_scale, key_scale)
+                                   float(scale), out_dtype, residual, residual_scale, key_scale, keep)
 
 
 def _residual_scale(scale, v: torch.Tensor) -> torch.Tensor:

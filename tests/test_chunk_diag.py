@@ -384,6 +384,53 @@ def test_diagonal_sub_blocks_factored_where_their_span_allows(case, fused, diag_
     check_configs_against_the_recurrence(case, inputs, configs)
 
 
+# A forward that no backward follows (no input needs a gradient, or grad mode is off) keeps
+# no cumulated per-channel gate: the scores kernel computes it in registers for the chunks
+# it takes whole and stores only those it takes by sub-chunks, which read it back row by row;
+# nothing after the scores kernel reads it. Against the recurrence and the forward that keeps
+# it, both forward forms, with the chunks the gates make whole or not told apart.
+@pytest.mark.parametrize("case", [Case("channel", T=112, K=48, V=16, H=1),
+                                  Case("channel", exclusive=True, T=104, seqlens=(9, 80, 15), K=16, V=32, H=1)],
+                         ids=str)
+@pytest.mark.parametrize("fused", [0, 1])
+def test_forward_without_backward_keeps_no_cumulated_gate(case, fused, monkeypatch):
+    from attnc.runtime.chunk_diag_op import ChunkDiagFunction
+
+    inputs = list(make_inputs(case))
+    q, k, v, _, gv, h0, cu_seqlens = inputs
+    g = inputs[3] = span_gates(q.shape[0], case.T, case.H, case.K, chunk_span=19.2)
+    module = ChunkDiagFunction.module_for(kernel_spec(q, g, gv, case.exclusive))
+    cumulated = []
+    intra_scores = module._intra_scores
+
+    def recording(kernel, x, y, gate, *args, **kwargs):
+        if kwargs.get("raw_gate") is not None:
+            cumulated.append(gate)
+        return intra_scores(kernel, x, y, gate, *args, **kwargs)
+
+    monkeypatch.setattr(module, "_intra_scores", recording)
+    # which chunks the scores kernel takes whole: those whose write gates stay above -limit
+    whole = torch.zeros(case.T, dtype=torch.bool)
+    bounds = [0, case.T] if cu_seqlens is None else cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        for c0 in range(start, end, case.chunk_size):
+            c1 = min(c0 + case.chunk_size, end)
+            whole[c0:c1] = -g[0, c0:c1].double().cumsum(0).min() < module.DIAG_SPAN_LIMIT
+    assert whole.any() and not whole.all()
+    ref_o, ref_ht = naive_recurrence(*[None if x is None else x.double() for x in inputs[:6]], cu_seqlens,
+                                     case.exclusive)
+    for needs_grad in (True, False):
+        cumulated.clear()
+        args = [x.detach().requires_grad_(needs_grad) if x is not None and x.is_floating_point() else x
+                for x in inputs]
+        o, ht = chunk_diag(*args, exclusive=case.exclusive, output_final_state=True, input_precision="ieee",
+                           poison=True, config={"fused_forward": fused})
+        assert rel_rms(o, ref_o) <= FP32_TOLERANCE and rel_rms(ht, ref_ht) <= FP32_TOLERANCE, needs_grad
+        (gate,) = cumulated
+        stored = torch.isfinite(gate[0]).all(-1).all(-1)  # per token: poisoned where not written
+        assert stored.tolist() == ([True] * case.T if needs_grad else (~whole).tolist()), needs_grad
+
+
 def test_diagonal_factoring_follows_the_config_and_the_dtype():
     """Factored diagonal sub-blocks need an 8-bit exponent: bf16 and fp32 dots factor them
     (under DIAG_SPAN_LIMIT), fp16 ones never, nor does any dtype with exact_diag=1."""
