@@ -95,3 +95,34 @@ def test_decode_step_continues_the_sequence(name):
         outs.append(o)
     assert rel_rms(torch.cat(outs, 1), full) < 1e-3
     assert rel_rms(state, final) < 1e-3
+
+
+# A forward no backward can follow (here under no_grad) runs other kernels for per-channel
+# gates: the scores kernel cumulates the gate in registers, 16 channels at a time, and stores
+# it only for chunks it takes by sub-chunks. Against the reference and the forward that keeps
+# the gate, both forms, with and without varlen.
+@pytest.mark.parametrize("fused", [0, 1])
+@pytest.mark.parametrize("name", ["gla", "hgrn2", "rwkv6"])
+def test_forward_without_backward(name, fused):
+    from attnc.runtime.sampling import random_arguments
+
+    op = attnc.load(name)
+    gen = torch.Generator().manual_seed(0)
+    for seqlens in (None, [700, 3, 1300]):
+        B, T = (2, 1000) if seqlens is None else (1, sum(seqlens))
+        cu_seqlens = None if seqlens is None else torch.tensor(
+            [0, *torch.tensor(seqlens).cumsum(0).tolist()], device="cuda")
+        args = random_arguments(op.analysis, B=B, T=T, H=4, dims={"K": 128, "V": 128}, dtype=torch.bfloat16,
+                                device="cuda", generator=gen)
+        config = {"fused_forward": fused}
+        with torch.no_grad():
+            out, _ = op(**args, cu_seqlens=cu_seqlens, config=config)
+        kept, _ = op(**{n: t.detach().requires_grad_() for n, t in args.items()}, cu_seqlens=cu_seqlens,
+                     config=config)
+        ref, _ = op.reference(**{n: t.double() for n, t in args.items()}, cu_seqlens=cu_seqlens)
+
+        def rel(a, b):
+            return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+        assert rel(out, ref) <= 2e-2, (seqlens, rel(out, ref))
+        assert rel(out, kept) <= 1e-2, (seqlens, rel(out, kept))
