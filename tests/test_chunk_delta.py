@@ -475,9 +475,11 @@ def test_bf16_operands_as_on_a_gpu(case, gpu_operand_storage):
     o, ht, grads = run_and_differentiate(under_test, inputs, do, dht)
     # bf16 buffers, and every state-shaped one
     bf16, fp32 = torch.bfloat16, torch.float32
-    # the forward stores A only for a per-channel gate (the others' output kernels compute it)
+    # the forward stores A only for a per-channel gate (the others' output kernels compute it),
+    # and, allocated before it, q and k with the decays inside for its state and output passes
     forward_scores = [bf16] if case.gate == "channel" else []
-    assert stored == [*forward_scores,
+    decayed = [bf16, bf16] if case.gate == "channel" else []
+    assert stored == [*decayed, *forward_scores,
                       bf16, bf16, ("state", bf16), bf16, ("state", fp32),  # forward: W, U', S, U, final
                       bf16, bf16, ("state", bf16), bf16,                  # the backward recomputes W, U', S, U
                       ("state", bf16), bf16, ("state", fp32),             # dS, dU, dh0
