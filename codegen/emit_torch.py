@@ -81,22 +81,43 @@ def _program(name: str, outputs: list[tuple[str, sp.Expr]], tensors: list[str],
 class ElementwiseParts:
     prologue: EmittedProgram
     epilogue: EmittedProgram
-    call_vars: list[dict]            # per chunk call: role -> prologue output name (or None)
+    call_vars: list[dict]            # per chunk call: role -> operand name (or None)
     placeholders: list[str]          # the linear readouts the epilogue reads
     dims: dict[str, str | None]      # tensor argument -> its vector dim (None: scalar)
+    passed: dict[str, str]           # operand name -> the tensor argument it is as it is
+    arguments: dict[str, str]        # an argument's Python name in the programs -> its name
+                                     # in the spec (the plan's `values` key): they differ
+                                     # where a spec name clashes (see _py_name)
+
+    def value_code(self, var: str) -> str:
+        """The plan's code of the argument a program calls `var`."""
+        return f'values["{self.arguments[var]}"]'
+
+    def operand_code(self, name: str) -> str:
+        """The plan's code of a kernel operand: the argument itself where the operand is an
+        input or weight as it is (no prologue output), else the prologue's output."""
+        if name in self.passed:
+            return f'values["{self.passed[name]}"]'
+        return f'ops["{name}"]'
 
 
 def elementwise_parts(plan: ChunkPlan) -> ElementwiseParts:
     """The prologue (inputs -> kernel operands of every chunk call) and the epilogue
-    (linear readouts + inputs -> outputs) of a plan, as elementwise programs."""
+    (linear readouts + inputs -> outputs) of a plan, as elementwise programs. An operand
+    that is an input or weight as it is (deltanet's q, k, v, beta; mamba2's C, B, x) is
+    no prologue output: the plan hands the argument itself to the chunk call, and where
+    no operand is computed the plan runs no prologue (an autograd Function per call costs
+    host time on every call, forward and backward)."""
     analysis = plan.analysis
     spec = analysis.spec
     rename = {s: symbol(_py_name(s.name)) for s in _all_symbols(plan)}
     tensors = [_py_name(n) for n in [i.name for i in spec.inputs] + [w.name for w in spec.weights]]
     floats = [_py_name(p.name) for p in spec.params]
+    arguments = {_py_name(n): n for n in _arg_order(spec)}
 
     # the kernel operands, named after the state and their role
-    operands: list[tuple[str, sp.Expr]] = []
+    operands: list[tuple[str, sp.Expr]] = []   # computed by the prologue
+    passed: dict[str, str] = {}
     call_vars = []
     per_state_count: dict[str, int] = {}
     for call in plan.calls:
@@ -109,8 +130,13 @@ def elementwise_parts(plan: ChunkPlan) -> ElementwiseParts:
             if role == "log_gate" and call.gate_input is not None:
                 expr = None  # the chunk kernels compute it from the raw input
             names[role] = None if expr is None else f"{prefix}_{role}"
-            if expr is not None:
-                operands.append((names[role], expr.xreplace(rename)))
+            if expr is None:
+                continue
+            expr = expr.xreplace(rename)
+            if isinstance(expr, sp.Symbol) and expr.name in tensors:
+                passed[names[role]] = arguments[expr.name]
+            else:
+                operands.append((names[role], expr))
         call_vars.append(names)
     prologue = _program("Prologue", operands, tensors, floats)
     placeholders = sorted({_py_name(lr.placeholder.name) for r in analysis.readouts
@@ -120,7 +146,7 @@ def elementwise_parts(plan: ChunkPlan) -> ElementwiseParts:
     dims = {}
     for name, shape in analysis.shapes.items():
         dims[_py_name(name)] = shape[0] if len(shape) == 1 else None
-    return ElementwiseParts(prologue, epilogue, call_vars, placeholders, dims)
+    return ElementwiseParts(prologue, epilogue, call_vars, placeholders, dims, passed, arguments)
 
 
 def emit_elementwise(plan: ChunkPlan) -> dict[str, str]:
@@ -133,10 +159,12 @@ def emit_elementwise(plan: ChunkPlan) -> dict[str, str]:
     operands = frozenset(names[role] for names in parts.call_vars
                          for role in ("query", "key", "value") if names[role])
     outputs = frozenset(output for output, _ in parts.epilogue.program.outputs)
-    return {f"{name}_prologue": render_elementwise(name, "prologue", parts.prologue.program,
-                                                   parts.dims, operands),
-            f"{name}_epilogue": render_elementwise(name, "epilogue", parts.epilogue.program,
-                                                   parts.dims, outputs)}
+    modules = {f"{name}_epilogue": render_elementwise(name, "epilogue", parts.epilogue.program,
+                                                      parts.dims, outputs)}
+    if parts.prologue.outputs:  # else every operand is an input as it is: no prologue
+        modules[f"{name}_prologue"] = render_elementwise(name, "prologue", parts.prologue.program,
+                                                         parts.dims, operands)
+    return modules
 
 
 def _residual_code(call) -> str | None:
@@ -160,17 +188,20 @@ def emit_plan(plan: ChunkPlan, version: str) -> str:
     seen: set = set()
     state_index = {s.name: i for i, s in enumerate(spec.states)}
     for call, names in zip(plan.calls, call_vars):
-        key = f'per_token(ops["{names["key"]}"], shape)'
+        def gate_arg(role, kind):
+            return _gate_arg(names[role] and parts.operand_code(names[role]), kind)
+
+        key = f'per_token({parts.operand_code(names["key"])}, shape)'
         py = {
             "key": key,
-            "value": f'per_token(ops["{names["value"]}"], shape)',
-            "query": (f'per_token(ops["{names["query"]}"], shape)' if names["query"]
+            "value": f'per_token({parts.operand_code(names["value"])}, shape)',
+            "query": (f'per_token({parts.operand_code(names["query"])}, shape)' if names["query"]
                       else f"torch.zeros_like({key})"),
             "log_gate": (f'per_token(values["{call.gate_input}"], shape)' if call.gate_input
-                         else _gate_arg(names["log_gate"], call.gate)),
-            "log_gate_v": _gate_arg(names["log_gate_v"], "channel"),
-            "beta": _gate_arg(names["beta"], "scalar"),
-            "key_scale": _gate_arg(names["key_scale"], "scalar"),
+                         else gate_arg("log_gate", call.gate)),
+            "log_gate_v": gate_arg("log_gate_v", "channel"),
+            "beta": gate_arg("beta", "scalar"),
+            "key_scale": gate_arg("key_scale", "scalar"),
             "initial_state": (f"initial_states[{state_index[call.state]}]"
                               if call.takes_initial else "None"),
         }
@@ -198,9 +229,9 @@ def emit_plan(plan: ChunkPlan, version: str) -> str:
         canonical=analysis.canonical.splitlines(),
         prologue=prologue,
         epilogue=epilogue,
-        constants=sorted(set(prologue.constants) | set(epilogue.constants)),
-        prologue_args=", ".join(f'values["{x}"]' for x in prologue.inputs),
-        epilogue_args=", ".join(f'reads["{x}"]' if x in placeholders else f'values["{x}"]'
+        constants=[(c, parts.value_code(c)) for c in sorted(set(prologue.constants) | set(epilogue.constants))],
+        prologue_args=", ".join(parts.value_code(x) for x in prologue.inputs),
+        epilogue_args=", ".join(f'reads["{x}"]' if x in placeholders else parts.value_code(x)
                                 for x in epilogue.inputs),
         # every output a chunk call's readout as it is: no epilogue Function to run
         readouts_as_outputs=(None if epilogue.program.steps
@@ -218,12 +249,12 @@ def _scale_code(factor: sp.Expr) -> str:
     return torch_code(factor.xreplace({s: sp.Symbol(f'values["{s.name}"]') for s in factor.free_symbols}))
 
 
-def _gate_arg(var: str | None, kind: str) -> str:
-    if var is None:
+def _gate_arg(code: str | None, kind: str) -> str:
+    if code is None:
         return "None"
     if kind == "scalar":
-        return f'per_token(ops["{var}"], shape)[..., 0].contiguous()'
-    return f'per_token(ops["{var}"], shape)'
+        return f'per_token({code}, shape)[..., 0].contiguous()'
+    return f'per_token({code}, shape)'
 
 
 def _arg_order(spec) -> list[str]:

@@ -57,15 +57,15 @@ def _rel(a, b):
 
 
 def _programs(op):
-    """(part, program input names, PyTorch Function, Triton Function) of both parts."""
+    """(part, program input names, PyTorch Function, Triton Function) of both parts (the
+    epilogue only where every kernel operand is an input as it is: no prologue)."""
     plan = op.plan_module()
     parts = elementwise_parts(plan_chunks(op.analysis))
     torch_fns = plan.elementwise("torch")
     triton_fns = plan.elementwise("triton")
-    return parts.dims, [
-        ("prologue", parts.prologue.inputs, torch_fns[0], triton_fns[0]),
-        ("epilogue", parts.epilogue.inputs, torch_fns[1], triton_fns[1]),
-    ]
+    programs = [("prologue", parts.prologue.inputs, torch_fns[0], triton_fns[0]),
+                ("epilogue", parts.epilogue.inputs, torch_fns[1], triton_fns[1])]
+    return parts.dims, [p for p in programs if p[2] is not None]
 
 
 def _arguments(op, names, dims, *, B, T, H, K, V, scale=1.0, gen):
@@ -223,6 +223,42 @@ def test_plan_runs_no_epilogue_where_the_outputs_are_readouts(name, runs_epilogu
     assert _rel(out, ref) <= 1e-4
 
 
+@pytest.mark.parametrize("name, computed", [
+    ("deltanet", None), ("gla", None), ("retnet", None),   # q, k, v (beta, log_gamma) as given
+    ("mamba2", ["S_log_gate", "S_key_scale"]),              # C, B, x as given
+    ("kda", ["S_query", "S_key"]),                          # l2norm(q), l2norm(k); v, beta, g as given
+])
+def test_operands_that_are_inputs_skip_the_prologue(name, computed, monkeypatch):
+    """A kernel operand that is an input as it is goes from the argument to the chunk call;
+    the prologue computes only the others, and a plan with none to compute runs no
+    prologue Function (one per call costs host time, forward and backward). Values and
+    gradients against the recurrence."""
+    op = attnc.load(name)
+    parts = elementwise_parts(plan_chunks(op.analysis))
+    assert (parts.prologue.output_names or None) == computed
+    sources = op.sources()
+    assert (f"{name}_prologue.py" in sources) == bool(computed)
+    assert ("prologue.apply(" in sources[f"{name}_plan.py"]) == bool(computed)
+    plan = op.plan_module()
+    prologue, _ = plan.elementwise("triton")
+    assert (prologue is None) == (computed is None) and (plan.Prologue is None) == (computed is None)
+    applied = []
+    if prologue is not None:
+        apply = prologue.apply
+        monkeypatch.setattr(prologue, "apply", lambda *args: applied.append(1) or apply(*args))
+    args = random_arguments(op.analysis, B=1, T=20, H=2, dims={"K": 16, "V": 16}, requires_grad=True)
+    for backend in ("triton", "torch"):
+        out, _ = op(**args, backend=backend)
+        grads = torch.autograd.grad(out, list(args.values()), torch.ones_like(out))
+        ref_args = {n: a.detach().double().requires_grad_() for n, a in args.items()}
+        ref, _ = op.reference(**ref_args)
+        ref_grads = torch.autograd.grad(ref, list(ref_args.values()), torch.ones_like(ref))
+        assert _rel(out, ref) <= 1e-4, backend
+        for n, g, r in zip(args, grads, ref_grads):
+            assert _rel(g, r) <= 1e-4, f"{backend} d{n}: {_rel(g, r):.2e}"
+    assert len(applied) == int(computed is not None)
+
+
 @pytest.mark.parametrize("name, gate_input, forward, derivative", [
     ("gla", "g", "_logsigmoid(x) / 16.0", "_sigmoid(-x) / 16.0"),
     ("rwkv6", "w", "-tl.exp(x)", "-tl.exp(x)"),
@@ -247,20 +283,45 @@ def test_a_per_channel_gate_of_one_input_is_computed_by_the_chunk_kernels(name, 
     assert call.gate_map()[:2] == (forward, derivative)
     assert f"gate_map={name.upper()}_S_GATE_MAP" in sources[f"{name}_plan.py"]
     assert f"return {forward}\n" in kernels and f"return {derivative}\n" in kernels
-    assert "S_log_gate" not in sources[f"{name}_prologue.py"]
+    assert "S_log_gate" not in sources.get(f"{name}_prologue.py", "")  # gla, rwkv6: no prologue
+
+
+CLASHING_NAMES = """
+attention clashing_names
+  dims    K, V
+  inputs  ops[K], t0[K], values[V], d_x
+  weight  params[V]
+  param   tensors = 0.5
+  state   S[K, V]
+  gate    a = exp(-softplus(d_x) * tensors)
+  decay   S = a * S
+  update  S = S + outer(t0, values)
+  readout o = ops @ S + params * values
+end
+"""
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_spec_names_that_clash_with_the_plans_own(backend):
+    """Spec names the generated plan uses itself (values, ops, params, tensors) or that look
+    like its variables (t0, d_x) are renamed inside the programs, and the plan still finds
+    each argument under its spec name (an input, a weight and a param; in the prologue,
+    the epilogue and passed through as they are)."""
+    result = verify(attnc.compile(CLASHING_NAMES), backend=backend, B=1, T=40, H=2, K=16, V=16)
+    assert result.ok, result.errors
 
 
 def test_delta_kernels_normalise_q_and_k_themselves():
     """deltanet's q = l2norm(q) * scale and k = l2norm(k): the chunk call takes the raw
-    inputs with l2norm_q / l2norm_k and scale as its output factor, so the prologue
-    computes and stores nothing (its forward hands the inputs through)."""
+    inputs with l2norm_q / l2norm_k and scale as its output factor, so there is nothing
+    for a prologue to compute, and none is generated or run."""
     op = attnc.load("deltanet")
     (call,) = plan_chunks(op.analysis).calls
     assert (call.l2norm_query, call.l2norm_key) == (True, True)
     assert (call.query.name, call.key.name, str(call.scale)) == ("q", "k", "scale")
     plan_source = op.sources()["deltanet_plan.py"]
     assert "l2norm_q=True" in plan_source and "l2norm_k=True" in plan_source
-    assert "def deltanet_prologue_bwd(" not in op.sources()["deltanet_prologue.py"]
+    assert "deltanet_prologue.py" not in op.sources() and "prologue.apply(" not in plan_source
 
 
 @pytest.mark.parametrize("name", ["mamba2", "rwkv6", "gated_deltanet", "weighted"])

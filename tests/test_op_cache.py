@@ -76,7 +76,7 @@ def test_compile_emit_writes_readable_sources(tmp_path):
     assert main(["compile", "rwkv6", "--emit", str(tmp_path)]) == 0
     plan = (tmp_path / "rwkv6_plan.py").read_text()
     kernels = (tmp_path / "rwkv6_S_kernels.py").read_text()
-    assert "def prologue_backward" in plan and "exclusive=True" in plan
+    assert "def epilogue_backward" in plan and "exclusive=True" in plan  # (no prologue: r, k, v as given)
     assert "def rwkv6_S_chunk_state_fwd" in kernels
     compile(plan, "rwkv6_plan.py", "exec")
     compile(kernels, "rwkv6_S_kernels.py", "exec")

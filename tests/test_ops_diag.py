@@ -267,7 +267,7 @@ def test_mamba2_adds_d_times_x_in_the_chunk_kernel():
     # x is the value operand too: the plan passes one tensor as both, and the dv kernel adds
     # D * do into dv (no pass of its own over the gradients)
     source = op.plan_source()
-    assert "residual=value," in source and "value = per_token(ops[\"S_value\"], shape)" in source
+    assert "residual=value," in source and "value = per_token(values[\"x\"], shape)" in source
     for fused in (0, 1):  # both forward forms add it
         result = verify(op, backend="triton", T=70, K=32, V=32, dtype=torch.bfloat16,
                         config={"fused_forward": fused})
