@@ -79,9 +79,11 @@ class TuningError(Exception):
 
 def tuning_applies(device) -> bool:
     """Whether calls on `device` are tuned: CUDA, compiled kernels, ATTNC_AUTOTUNE != off."""
+    device = device if isinstance(device, torch.device) else torch.device(device)
+    if device.type != "cuda":
+        return False
     config = settings()
-    return (torch.device(device).type == "cuda" and config.autotune != "off"
-            and not config.interpret)
+    return config.autotune != "off" and not config.interpret
 
 
 def shape_bucket(B: int, T: int, H: int, dims: Mapping[str, int], dtype, *,

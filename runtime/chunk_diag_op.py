@@ -8,6 +8,7 @@ algorithm in plain PyTorch.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -36,10 +37,17 @@ def kernel_spec(q: torch.Tensor, g, gv, exclusive: bool, name: str | None = None
     if gate_map is not None and gate != "channel":
         raise ValueError(f"gate_map is for per-channel gates [B, T, H, K]; g has shape "
                          f"{None if g is None else tuple(g.shape)}")
+    return _kernel_spec(gate, gv is not None, bool(exclusive), name, gate_map)
+
+
+@functools.lru_cache(maxsize=256)
+def _kernel_spec(gate: str, vgate: bool, exclusive: bool, name: str | None,
+                 gate_map: GateMap | None) -> DiagKernelSpec:
+    # one per structure: a call asks on every step of a training loop
     if name is None:
-        name = f"diag_{gate}" + ("_vgate" if gv is not None else "") + ("_exclusive" if exclusive else "")
+        name = f"diag_{gate}" + ("_vgate" if vgate else "") + ("_exclusive" if exclusive else "")
     mapped = {} if gate_map is None else dict(gate_map=gate_map.triton, gate_map_grad=gate_map.triton_grad)
-    return DiagKernelSpec(name=name, gate=gate, vgate=gv is not None, exclusive=exclusive, **mapped)
+    return DiagKernelSpec(name=name, gate=gate, vgate=vgate, exclusive=exclusive, **mapped)
 
 
 # rendered and imported modules, one per DiagKernelSpec
@@ -153,7 +161,7 @@ def chunk_diag(q, k, v, g=None, gv=None, h0=None, cu_seqlens=None, *, exclusive:
     check_backend(backend, input_precision)
     spec = kernel_spec(q, g, gv, exclusive, name, gate_map)
     if residual is not None:
-        residual_scale = _residual_scale(residual_scale, v)
+        residual_scale = _residual_scale(residual_scale, v, per_head=backend == "triton")
         residual = residual.to(q.dtype)
     if backend == "torch":
         if key_scale is not None:
@@ -173,12 +181,18 @@ def chunk_diag(q, k, v, g=None, gv=None, h0=None, cu_seqlens=None, *, exclusive:
                                    float(scale), out_dtype, residual, residual_scale, key_scale, keep)
 
 
-def _residual_scale(scale, v: torch.Tensor) -> torch.Tensor:
-    """A residual's scale as the fp32 [H, V] tensor the kernels read, differentiably."""
+def _residual_scale(scale, v: torch.Tensor, *, per_head: bool = False) -> torch.Tensor:
+    """A residual's scale as the kernels read it, differentiably: where `per_head` and it is
+    one value per head (a [1, 1, H, 1] weight, mamba2's D), a [H] view of it in its own
+    dtype (no copy, no conversion: the kernels compute in fp32); else fp32 [H, V]."""
     H, V = v.shape[2], v.shape[3]
-    scale = torch.as_tensor(scale, dtype=torch.float32, device=v.device).float()
+    if not isinstance(scale, torch.Tensor) or scale.device != v.device:
+        scale = torch.as_tensor(scale, dtype=torch.float32, device=v.device)
+    if per_head and scale.dim() <= 4 and (1,) * (4 - scale.dim()) + tuple(scale.shape) == (1, 1, H, 1):
+        return scale.reshape(H)
     try:
-        return scale.expand(1, 1, H, V).reshape(H, V).contiguous()
+        # (reshape copies the broadcast [H, V] into a new contiguous tensor)
+        return scale.float().expand(1, 1, H, V).reshape(H, V).contiguous()
     except RuntimeError:
         raise ValueError(f"residual_scale of shape {tuple(scale.shape)} does not broadcast to "
                          f"[1, 1, H, V] = {(1, 1, H, V)}") from None

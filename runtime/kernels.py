@@ -81,15 +81,23 @@ class LaunchOptions:
     @classmethod
     def for_call(cls, device: torch.device, *, chunk_size: int, input_precision: str,
                  poison: bool | None, config: dict | None) -> "LaunchOptions":
-        return cls(chunk_size=chunk_size, input_precision=input_precision,
-                   interpret=interpreted(device),
-                   poison=settings().poison if poison is None else poison,
-                   config=tuple(sorted((config or {}).items())))
+        key = (chunk_size, input_precision, interpreted(device),
+               settings().poison if poison is None else poison,
+               tuple(sorted(config.items())) if config else ())
+        options = _OPTIONS.get(key)
+        if options is None:  # (a frozen dataclass costs microseconds to make: one per key)
+            if len(_OPTIONS) >= 256:
+                _OPTIONS.clear()
+            options = _OPTIONS[key] = cls(*key)
+        return options
 
     def as_kwargs(self) -> dict:
         return dict(chunk_size=self.chunk_size, interpret=self.interpret,
                     input_precision=self.input_precision, poison=self.poison,
                     config=dict(self.config) or None)
+
+
+_OPTIONS: dict[tuple, LaunchOptions] = {}
 
 
 class KernelModules:

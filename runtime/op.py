@@ -14,6 +14,7 @@ from .settings import settings
 log = logging.getLogger("attnc")
 
 DEFAULT_CHUNK_SIZE = 64  # when neither the caller nor a tuned config sets one
+_MISSING = object()
 
 
 @functools.cache
@@ -23,12 +24,13 @@ def _calls():
     function-level import costs ~1 us, and a decode step is tens of us."""
     import torch
 
+    from . import autotune
     from .binding import bind, expand_heads
     from .kernels import on_gpu_path
     from .recurrent_op import step
 
     return types.SimpleNamespace(torch=torch, bind=bind, expand_heads=expand_heads,
-                                 on_gpu_path=on_gpu_path, step=step)
+                                 on_gpu_path=on_gpu_path, step=step, autotune=autotune)
 
 
 class CompiledOp:
@@ -46,6 +48,9 @@ class CompiledOp:
         self.analysis = analysis
         self._plan_modules: dict = {}  # torch.device -> loaded plan module
         self._tuned_configs: dict = {}  # (torch.device, shape bucket) -> tuned config
+        # (torch.device, the sizes a shape bucket is made of) -> its tuned config, so that a
+        # repeated call shape finds its config without formatting the bucket
+        self._configs_by_sizes: dict = {}
 
     @property
     def name(self) -> str:
@@ -114,7 +119,10 @@ class CompiledOp:
             x = x if backend == "triton" else x.float()
             values[inp.name] = x if inp.shape else x.unsqueeze(-1)
         for w in self.spec.weights:   # [1, 1, H, D]
-            x = bound.weights[w.name].float()
+            x = bound.weights[w.name]
+            # (the fused prologue / epilogue read any dtype, and chunk calls convert what
+            # they take: no conversion on "triton", where each is an op on the device)
+            x = x if backend == "triton" else x.float()
             values[w.name] = x.reshape(1, 1, H, -1) if len(w.shape) <= 1 else x[None, None]
         values.update(bound.params)
         states_in = bound.initial_states or (None,) * len(self.spec.states)
@@ -153,27 +161,32 @@ class CompiledOp:
         """The tuned config of this call's device and shape bucket (found in the config
         cache, else tuned now), remembered for the life of the op; None where tuning does
         not apply."""
-        from .autotune import config_for_call, shape_bucket_of, tuning_applies
-
-        if not tuning_applies(bound.device):
+        autotune = _calls().autotune
+        if not autotune.tuning_applies(bound.device):
             return None
-        key = (bound.device, shape_bucket_of(bound, dtype, chunk_size=chunk_size))
+        sizes = (bound.device, bound.B, bound.T, bound.H, tuple(bound.dims.values()), dtype, chunk_size,
+                 bound.N if bound.cu_seqlens is not None else None)
+        config = self._configs_by_sizes.get(sizes, _MISSING)
+        if config is not _MISSING:
+            return config
+        key = (bound.device, autotune.shape_bucket_of(bound, dtype, chunk_size=chunk_size))
         if key not in self._tuned_configs:
-            self._tuned_configs[key] = config_for_call(self, bound, dtype, chunk_size=chunk_size)
+            self._tuned_configs[key] = autotune.config_for_call(self, bound, dtype, chunk_size=chunk_size)
+        if len(self._configs_by_sizes) >= 256:
+            self._configs_by_sizes.clear()
+        self._configs_by_sizes[sizes] = self._tuned_configs[key]
         return self._tuned_configs[key]
 
-    @property
+    @functools.cached_property
     def no_chunk_form(self) -> str | None:
         """Why the spec has no chunk kernels (it then runs on the recurrent kernel), or None."""
         from ..codegen.plan import NoChunkForm, plan_chunks
 
-        if not hasattr(self, "_no_chunk_form"):
-            try:
-                plan_chunks(self.analysis)
-                self._no_chunk_form = None
-            except NoChunkForm as why:
-                self._no_chunk_form = str(why)
-        return self._no_chunk_form
+        try:
+            plan_chunks(self.analysis)
+            return None
+        except NoChunkForm as why:
+            return str(why)
 
     def _recurrent_call(self, bound, output_final_state, backend, dtype):
         """Specs with no chunk form: the fused recurrent kernels (sequential in T), or on
@@ -400,16 +413,16 @@ def _check_decays(name: str, decays, values: dict) -> None:
     import torch
 
     for state, gate, (names, function) in decays:
-        args = [values.get(n) for n in names]
+        # weights ([1, 1, H, D], which on "triton" come in their own dtype) in fp32, as the
+        # kernels compute the gate; per-token inputs as they are (no copy of a large input)
+        args = [a.float() if torch.is_tensor(a) and a.dtype in (torch.float16, torch.bfloat16)
+                and a.shape[0] * a.shape[1] == 1 else a for a in (values.get(n) for n in names)]
         tensors = [a for a in args if torch.is_tensor(a)]
         if function is None or any(a is None for a in args) or (
                 tensors and tensors[0].is_cuda and torch.cuda.is_current_stream_capturing()):
             continue
         log_decay = torch.as_tensor(function(*args))
-        message = (f"`{name}`: state `{state}` decays by exp({gate}) per step, which the chunked "
-                   f"kernels need to be <= 1 ({gate} <= 0, a log-space decay): pass log decays (e.g. "
-                   f"-softplus(x) or logsigmoid(x)); a growing state has no chunked form. "
-                   f"ATTNC_CHECK_DECAYS=0 skips this check.")
+        message = _decay_message(name, state, gate)
         try:
             # one reduction (a pass over the gate: for a per-channel gate as large as k), then
             # on a GPU an asynchronous device-side assert: the host does not wait for it
@@ -420,6 +433,15 @@ def _check_decays(name: str, decays, values: dict) -> None:
             value = float(log_decay[tuple(where)])
             raise ValueError(message.replace(": pass", f", but {gate} = {value:.4g}" + (
                 f" at index {where} ([batch, token, head, channel])" if where else "") + ": pass", 1)) from None
+
+
+@functools.lru_cache(maxsize=256)
+def _decay_message(name: str, state: str, gate) -> str:
+    # made once per (spec, state): printing the sympy gate costs ~10 us, every call asks
+    return (f"`{name}`: state `{state}` decays by exp({gate}) per step, which the chunked "
+            f"kernels need to be <= 1 ({gate} <= 0, a log-space decay): pass log decays (e.g. "
+            f"-softplus(x) or logsigmoid(x)); a growing state has no chunked form. "
+            f"ATTNC_CHECK_DECAYS=0 skips this check.")
 
 
 def _stream_dtype(tensors):

@@ -589,11 +589,15 @@ def test_scale_and_output_dtype_are_applied_by_the_kernel(backend):
             assert rel_rms(grad, ref) <= FP32_TOLERANCE, label
 
 
-@pytest.mark.parametrize("backend, fused, u_is_v, seqlens", [
-    ("triton", 0, False, None), ("triton", 1, False, None), ("torch", None, False, None),
-    ("triton", None, True, None), ("triton", None, False, (23, 47)), ("triton", None, True, (23, 47))])
-def test_residual_term_is_added_by_the_kernel(backend, fused, u_is_v, seqlens):
-    """o = scale * q^T S + c * u with c per head (mamba2's D * x), stored in bf16 as the
+@pytest.mark.parametrize("backend, fused, u_is_v, seqlens, c_shape", [
+    ("triton", 0, False, None, "head"), ("triton", 1, False, None, "head"), ("torch", None, False, None, "head"),
+    ("triton", None, True, None, "head"), ("triton", None, False, (23, 47), "head"),
+    ("triton", None, True, (23, 47), "head"), ("triton", None, True, None, "head bf16"),
+    ("triton", 0, False, None, "channel"), ("triton", 1, True, (23, 47), "channel"),
+    ("torch", None, True, None, "channel")])
+def test_residual_term_is_added_by_the_kernel(backend, fused, u_is_v, seqlens, c_shape):
+    """o = scale * q^T S + c * u with c per head (mamba2's D * x; the kernels read a [H] view
+    of it, in its own dtype) or per head and channel ([1, 1, H, V]), stored in bf16 as the
     kernel adds it: values and the gradients of every input, u and c included. The dv
     kernel computes u's and c's gradients (c's as per-chunk sums); where u is v itself
     (mamba2: the value operand is x), it adds u's gradient into dv."""
@@ -601,7 +605,10 @@ def test_residual_term_is_added_by_the_kernel(backend, fused, u_is_v, seqlens):
     case = Case("scalar", T=70, K=32, V=16, H=2, B=1 if seqlens else 2, seqlens=seqlens)
     inputs = make_inputs(case)
     u = torch.randn(*inputs[2].shape)
-    c = torch.randn(1, 1, case.H, 1)
+    c = torch.randn(1, 1, case.H, case.V if c_shape == "channel" else 1)
+    c_dtype = torch.bfloat16 if c_shape == "head bf16" else None
+    if c_dtype is not None:
+        c = c.to(c_dtype)   # the reference takes the same values in fp64
     scale = 0.7
     do = torch.randn(*inputs[2].shape).to(torch.bfloat16).double()
     N = len(seqlens) if seqlens else case.B
@@ -612,7 +619,8 @@ def test_residual_term_is_added_by_the_kernel(backend, fused, u_is_v, seqlens):
     def grads_of(run, dtype):
         q, k, v, g, _, h0 = [None if x is None else x.to(dtype).detach().requires_grad_()
                              for x in inputs[:6]]
-        u_, c_ = (v if u_is_v else u.to(dtype).requires_grad_()), c.to(dtype).requires_grad_()
+        c_dtype_ = c_dtype if dtype == torch.float32 and c_dtype is not None else dtype
+        u_, c_ = (v if u_is_v else u.to(dtype).requires_grad_()), c.to(c_dtype_).requires_grad_()
         o, ht = run(q, k, v, g, h0, u_, c_)
         leaves = (q, k, v, g, h0) + ((c_,) if u_is_v else (u_, c_))
         loss = (o.double() * do).sum() + (ht.double() * dht).sum()
@@ -635,6 +643,9 @@ def test_residual_term_is_added_by_the_kernel(backend, fused, u_is_v, seqlens):
     labels = ("q", "k", "v", "g", "h0") + (("c",) if u_is_v else ("u", "c"))
     for label, grad, ref in zip(labels, grads, ref_grads):
         assert grad.shape == ref.shape, label
+        if label == "c" and c_dtype is not None:   # autograd rounds c's gradient to its dtype
+            assert grad.dtype == c_dtype and rel_rms(grad, ref) <= BF16_TOLERANCE / 4, rel_rms(grad, ref)
+            continue
         assert rel_rms(grad, ref) <= FP32_TOLERANCE, f"d{label}: {rel_rms(grad, ref):.2e}"
 
 
