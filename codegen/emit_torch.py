@@ -253,7 +253,9 @@ def _gate_arg(code: str | None, kind: str) -> str:
     if code is None:
         return "None"
     if kind == "scalar":
-        return f'per_token({code}, shape)[..., 0].contiguous()'
+        # a view without the D = 1 axis, whose backward is a view too (select's allocates
+        # a zero tensor and scatters into it: a pass on the device)
+        return f'per_token({code}, shape).squeeze(-1)'
     return f'per_token({code}, shape)'
 
 
