@@ -9,6 +9,10 @@
 #                                  to bench.py, e.g. --quick --variants gla
 #   bench/gpu_session.sh profile [SPECS]  each kernel's time, bytes and GB/s at the standard
 #                                  shape, forward and backward (writes <device>-kernels.md)
+#   bench/gpu_session.sh host [SPECS]  where each forward's (and forward + backward's) host time
+#                                  goes: attnc's Python, Triton's launch path, PyTorch's ops
+#                                  (bench/host_profile.py; writes <device>-host.md, and
+#                                  host-backward/<device>-host.md); default the four benchmarked specs
 #   bench/gpu_session.sh compile   how much Triton's compiles gain from 16 threads and from 16
 #                                  worker processes (tuning compiles its candidates in
 #                                  processes); no GPU work
@@ -33,7 +37,7 @@
 set -uo pipefail
 step=${1:-tests}
 shift || true
-case "$step" in tests|tune|bench|profile|compile|forms|diag) ;; *) echo "usage: bench/gpu_session.sh tests|tune|bench|profile|compile|forms|diag" >&2; exit 2 ;; esac
+case "$step" in tests|tune|bench|profile|host|compile|forms|diag) ;; *) echo "usage: bench/gpu_session.sh tests|tune|bench|profile|host|compile|forms|diag" >&2; exit 2 ;; esac
 out=${OUT:-bench/results}
 mkdir -p "$out"
 if [ -d .whl ]; then
@@ -64,6 +68,14 @@ for shape in "$@"; do
 done ;;
 bench)
 timeout 560 python3 bench/bench.py --out "$out" "$@" 2>&1 | tee -a "$out/bench.log" ;;
+host)
+[ $# -gt 0 ] || set -- mamba2 gla deltanet gated_deltanet
+# (untuned: a tuned call would tune first, and the host work is the same but for the
+# config lookup)
+ATTNC_AUTOTUNE=off timeout 250 python3 bench/host_profile.py "$@" --out "$out" 2>&1 | tee -a "$out/host.log"
+mkdir -p "$out/host-backward"
+ATTNC_AUTOTUNE=off timeout 250 python3 bench/host_profile.py "$@" --backward --calls 20 --out "$out/host-backward" 2>&1 \
+    | tee -a "$out/host.log" ;;
 compile)
 timeout 500 python3 bench/compile_threads.py gla --threads 16 2>&1 | tee -a "$out/compile.log" ;;
 profile)

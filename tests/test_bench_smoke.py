@@ -237,3 +237,31 @@ def test_cold_start_children_start_with_empty_caches(monkeypatch, tmp_path):
     assert not cold_filled
     assert cold_triton.startswith(cold_attnc) and "warm-from-earlier-runs" not in cold_triton
     assert (warm_attnc, warm_triton) == (cold_attnc, cold_triton)
+
+
+def test_host_profile_splits_a_calls_host_time(tmp_path, capsys):
+    """bench/host_profile.py: the wall time of a call, its profiled split (no Triton part
+    without a GPU, where nothing is launched) and the file it writes; bad arguments are
+    refused."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("host_profile", ROOT / "bench" / "host_profile.py")
+    hp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hp)
+    assert hp.main(["mamba2", "--shape", "1,32,2,16", "--calls", "5", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    device = torch.cuda.get_device_name().replace(" ", "_") if torch.cuda.is_available() else "cpu"
+    written = (tmp_path / f"{device}-host.md").read_text()
+    for part in hp.PARTS + ("total",):
+        assert f"| {part} |" in printed and f"| {part} |" in written
+    rows = dict(line.strip("|").split(" | ") for line in printed.splitlines()
+                if line.startswith("| ") and "---" not in line and "part" not in line)
+    values = {k.strip(): float(v) for k, v in rows.items()}
+    assert values["total"] > 0 and values["attnc"] > 0
+    assert abs(sum(values[p] for p in hp.PARTS) - values["total"]) <= 0.2 + 1e-3 * values["total"]
+    if not torch.cuda.is_available():
+        assert values["triton launch"] == 0.0 and "kernels not launched" in printed
+    assert "mamba2_plan.py" in printed or "op.py" in printed   # the costliest functions, by file
+    with pytest.raises(SystemExit):
+        hp.main(["gla", "--shape", "16,2048"])
+    assert "expected B,T,H,D" in capsys.readouterr().err
