@@ -88,16 +88,21 @@ class ElementwiseParts:
     arguments: dict[str, str]        # an argument's Python name in the programs -> its name
                                      # in the spec (the plan's `values` key): they differ
                                      # where a spec name clashes (see _py_name)
+    weights: frozenset[str]          # the spec's weight names
 
     def value_code(self, var: str) -> str:
         """The plan's code of the argument a program calls `var`."""
         return f'values["{self.arguments[var]}"]'
 
-    def operand_code(self, name: str) -> str:
+    def operand_code(self, name: str, fp32: bool = False) -> str:
         """The plan's code of a kernel operand: the argument itself where the operand is an
-        input or weight as it is (no prologue output), else the prologue's output."""
+        input or weight as it is (no prologue output), else the prologue's output. `fp32`
+        (gates, beta, key scales): a weight passed as it is is converted (on "triton" the
+        op hands weights over in their own dtype, and the fused prologue computed these in
+        fp32; a weight is [1, 1, H, D], so the conversion is small)."""
         if name in self.passed:
-            return f'values["{self.passed[name]}"]'
+            argument = self.passed[name]
+            return f'values["{argument}"]' + (".float()" if fp32 and argument in self.weights else "")
         return f'ops["{name}"]'
 
 
@@ -146,7 +151,8 @@ def elementwise_parts(plan: ChunkPlan) -> ElementwiseParts:
     dims = {}
     for name, shape in analysis.shapes.items():
         dims[_py_name(name)] = shape[0] if len(shape) == 1 else None
-    return ElementwiseParts(prologue, epilogue, call_vars, placeholders, dims, passed, arguments)
+    return ElementwiseParts(prologue, epilogue, call_vars, placeholders, dims, passed, arguments,
+                            frozenset(w.name for w in spec.weights))
 
 
 def emit_elementwise(plan: ChunkPlan) -> dict[str, str]:
@@ -189,7 +195,7 @@ def emit_plan(plan: ChunkPlan, version: str) -> str:
     state_index = {s.name: i for i, s in enumerate(spec.states)}
     for call, names in zip(plan.calls, call_vars):
         def gate_arg(role, kind):
-            return _gate_arg(names[role] and parts.operand_code(names[role]), kind)
+            return _gate_arg(names[role] and parts.operand_code(names[role], fp32=True), kind)
 
         key = f'per_token({parts.operand_code(names["key"])}, shape)'
         py = {
