@@ -35,6 +35,12 @@ class DiagKernelSpec:
     a function of `x`, the raw input the launchers then take as g, and of its derivative
     (gla: "_logsigmoid(x) / 16.0", "_sigmoid(-x) / 16.0"). The kernels map g as they load
     it, so no pass writes the log gate (codegen/plan.py, ChunkCall.gate_input).
+    query_map, query_map_grad, key_map, key_map_grad: "" or, with no per-channel gate on
+    either side, Triton code of the query (key) as a function of `x`, the raw input the
+    launchers then take as q (k), and of its derivative (linear_attn: "1.0 + _elu(x)").
+    The kernels map q (k) as they load it and multiply dq (dk) by the derivative as they
+    store it, so no pass writes the feature map or reads its gradient
+    (ChunkCall.query_input / key_input).
     """
 
     name: str
@@ -43,6 +49,10 @@ class DiagKernelSpec:
     exclusive: bool = False
     gate_map: str = ""
     gate_map_grad: str = ""
+    query_map: str = ""
+    query_map_grad: str = ""
+    key_map: str = ""
+    key_map_grad: str = ""
 
     def __post_init__(self):
         self.check()
@@ -60,13 +70,23 @@ class DiagKernelSpec:
             raise ValueError("DiagKernelSpec.gate_map and .gate_map_grad: both Triton code of `x`, or both empty")
         if self.gate_map and self.gate != "channel":
             raise ValueError(f"DiagKernelSpec.gate_map is for per-channel gates; gate={self.gate!r}")
+        for role in ("query", "key"):
+            f, grad = getattr(self, f"{role}_map"), getattr(self, f"{role}_map_grad")
+            if not isinstance(f, str) or not isinstance(grad, str) or bool(f) != bool(grad):
+                raise ValueError(f"DiagKernelSpec.{role}_map and .{role}_map_grad: both Triton code of `x`, "
+                                 "or both empty")
+            if f and (self.gate == "channel" or self.vgate):
+                raise ValueError(f"DiagKernelSpec.{role}_map is not taken with a per-channel gate; "
+                                 f"gate={self.gate!r}, vgate={self.vgate}")
 
 
 def render(spec: DiagKernelSpec) -> str:
     """Source of a module with the forward/backward kernels and launchers for `spec`."""
     template = environment().get_template("chunk_diag.py.jinja")
     return template.render(name=spec.name, gate=spec.gate, vgate=spec.vgate, exclusive=spec.exclusive,
-                           gate_map=spec.gate_map, gate_map_grad=spec.gate_map_grad)
+                           gate_map=spec.gate_map, gate_map_grad=spec.gate_map_grad,
+                           query_map=spec.query_map, query_map_grad=spec.query_map_grad,
+                           key_map=spec.key_map, key_map_grad=spec.key_map_grad)
 
 
 # ---------------------------------------------------------------------------------------

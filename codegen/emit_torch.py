@@ -132,7 +132,8 @@ def elementwise_parts(plan: ChunkPlan) -> ElementwiseParts:
         names = {}
         for role in ("query", "key", "value", "beta", "log_gate", "log_gate_v", "key_scale"):
             expr = getattr(call, role)
-            if role == "log_gate" and call.gate_input is not None:
+            if (role == "log_gate" and call.gate_input is not None or role == "query" and call.query_input
+                    is not None or role == "key" and call.key_input is not None):
                 expr = None  # the chunk kernels compute it from the raw input
             names[role] = None if expr is None else f"{prefix}_{role}"
             if expr is None:
@@ -197,11 +198,15 @@ def emit_plan(plan: ChunkPlan, version: str) -> str:
         def gate_arg(role, kind):
             return _gate_arg(names[role] and parts.operand_code(names[role], fp32=True), kind)
 
-        key = f'per_token({parts.operand_code(names["key"])}, shape)'
+        def operand_arg(role, mapped_input):
+            code = f'values["{mapped_input}"]' if mapped_input else parts.operand_code(names[role])
+            return f"per_token({code}, shape)"
+
+        key = operand_arg("key", call.key_input)
         py = {
             "key": key,
             "value": f'per_token({parts.operand_code(names["value"])}, shape)',
-            "query": (f'per_token({parts.operand_code(names["query"])}, shape)' if names["query"]
+            "query": (operand_arg("query", call.query_input) if call.query is not None
                       else f"torch.zeros_like({key})"),
             "log_gate": (f'per_token(values["{call.gate_input}"], shape)' if call.gate_input
                          else gate_arg("log_gate", call.gate)),
@@ -220,12 +225,17 @@ def emit_plan(plan: ChunkPlan, version: str) -> str:
         final_op = "+=" if call.state in seen else "="
         seen.update({call.readout, call.state} if call.gives_final else {call.readout})
         kernel_name = call.kernel_name(spec.name, len(plan.calls))
-        gate_map = call.gate_map()
-        if gate_map is not None:
-            gate_map = dict(var=f"{kernel_name.upper()}_GATE_MAP", triton=gate_map[0], triton_grad=gate_map[1],
-                            torch=gate_map[2], log_gate=str(call.log_gate), input=call.gate_input)
+        maps = []  # operands the chunk kernels compute from a raw input as they load it
+        for role, what, mapped, expr, u in (
+                ("gate", "log gate", call.gate_map(), call.log_gate, call.gate_input),
+                ("query", "query", call.query_map(), call.query, call.query_input),
+                ("key", "key", call.key_map(), call.key, call.key_input)):
+            if mapped is not None:
+                maps.append(dict(role=role, what=what, var=f"{kernel_name.upper()}_{role.upper()}_MAP",
+                                 triton=mapped[0], triton_grad=mapped[1], torch=mapped[2],
+                                 expr=str(expr), input=u))
         calls.append({**call_fields, "py": py, "read_op": read_op, "final_op": final_op,
-                      "kernel_name": kernel_name, "gate_map": gate_map})
+                      "kernel_name": kernel_name, "maps": maps})
 
     return environment().get_template("plan_torch.py.jinja").render(
         spec_name=spec.name,

@@ -69,6 +69,13 @@ class ChunkCall:
     # compute f(u) as they load u and multiply the gradient by f'(u), so no pass writes the
     # log gate or reads its gradient. None where the gate is not of that form.
     gate_input: str | None = None
+    # diag, no per-channel gate on either side: a query / key f(u), f elementwise, u a
+    # vector input and nothing else (linear_attn's elu(q) + 1): the call passes u and f
+    # (`query_map` / `key_map`), the kernels compute f(u) as they load u and multiply dq /
+    # dk by f'(u) as they store them, so no pass writes f(u) or reads its gradient. None
+    # where the operand is an input as it is or not of that form (a key with a key_scale).
+    query_input: str | None = None
+    key_input: str | None = None
 
     def kernel_name(self, spec_name: str, n_calls: int) -> str:
         """Generated kernels are named after the spec and the state they compute."""
@@ -77,16 +84,27 @@ class ChunkCall:
     def gate_map(self) -> tuple[str, str, str] | None:
         """(Triton code of f, Triton code of f', PyTorch code of f), each a function of `x`,
         where the call passes a gate input; else None."""
-        if self.gate_input is None:
-            return None
-        from .torch_printer import torch_code
-        from .triton_printer import TritonPrinter
+        return None if self.gate_input is None else _input_map(self.log_gate)
 
-        (u,) = self.log_gate.free_symbols
-        x = sp.Symbol("x", real=True)
-        f = self.log_gate.xreplace({u: x})
-        triton = TritonPrinter(lambda s: s.name, {})
-        return triton.code(f), triton.code(sp.diff(f, x)), torch_code(f)
+    def query_map(self) -> tuple[str, str, str] | None:
+        """As gate_map, for a query the call passes as its input (`query_input`)."""
+        return None if self.query_input is None else _input_map(self.query)
+
+    def key_map(self) -> tuple[str, str, str] | None:
+        """As gate_map, for a key the call passes as its input (`key_input`)."""
+        return None if self.key_input is None else _input_map(self.key)
+
+
+def _input_map(expr: sp.Expr) -> tuple[str, str, str]:
+    """(Triton code of f, of f', PyTorch code of f), functions of `x`, for `expr` = f(u)."""
+    from .torch_printer import torch_code
+    from .triton_printer import TritonPrinter
+
+    (u,) = expr.free_symbols
+    x = sp.Symbol("x", real=True)
+    f = expr.xreplace({u: x})
+    triton = TritonPrinter(lambda s: s.name, {})
+    return triton.code(f), triton.code(sp.diff(f, x)), torch_code(f)
 
 
 @dataclass(frozen=True)
@@ -271,12 +289,20 @@ def _gate_input(analysis: Analysis, log_gate: sp.Expr) -> str | None:
     """u's name when `log_gate` is f(u) for a vector input u, f elementwise (no
     reductions) and made of numbers (gla's logsigmoid(g) / 16); None when it is u itself
     (nothing to compute) or anything else."""
+    return _mapped_input(analysis, log_gate)
+
+
+def _mapped_input(analysis: Analysis, expr: sp.Expr | None) -> str | None:
+    """u's name when `expr` is f(u) for a vector input u, f elementwise (no reductions)
+    and made of numbers; None when it is u itself (nothing to compute) or anything else."""
+    if expr is None:
+        return None
     vectors = {i.name for i in analysis.spec.inputs if i.shape}
-    symbols = log_gate.free_symbols
+    symbols = expr.free_symbols
     if len(symbols) != 1:
         return None
     (u,) = symbols
-    if u.name not in vectors or log_gate == u or log_gate.atoms(dot, vsum, l2norm):
+    if u.name not in vectors or expr == u or expr.atoms(dot, vsum, l2norm):
         return None
     return u.name
 
@@ -287,11 +313,18 @@ def _call(index: int, analysis: Analysis, st: StateForm, j: int, term, lr: Linea
     factored = (_key_factor(analysis, term.x)
                 if gate != "channel" and (st.log_gate_v is None or st.log_gate_v == 0) else None)
     key, key_scale = factored if factored else (term.x, None)
+    query = lr.query if lr else None
+    # feature maps the kernels apply as they load (and whose gradient they apply as they
+    # store dq / dk): not beside per-channel gates, whose kernels load q and k in many more
+    # forms (decayed copies, sub-chunks)
+    maps = gate != "channel" and st.log_gate_v is None
     return ChunkCall(
         index=index, kind="diag", state=st.name, term=j,
         readout=lr.placeholder.name if lr else None,
-        query=lr.query if lr else None,
+        query=query,
         key=key, value=term.y, key_scale=key_scale,
+        query_input=_mapped_input(analysis, query) if maps else None,
+        key_input=_mapped_input(analysis, key) if maps and key_scale is None else None,
         log_gate=st.log_gate if gate != "none" else None, gate=gate,
         log_gate_v=st.log_gate_v,
         gate_input=_gate_input(analysis, st.log_gate) if gate == "channel" else None,

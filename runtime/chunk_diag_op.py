@@ -19,34 +19,43 @@ from .kernels import KernelModules, LaunchOptions, check_backend, gate_kind
 
 
 @dataclass(frozen=True)
-class GateMap:
-    """A per-channel log gate as an elementwise function f of a raw input x, which the op
-    then takes as g: its kernels compute f(x) as they load x, and its gradient kernel
-    multiplies by f'(x), so no pass writes f(x) or reads its gradient (gla's
-    logsigmoid(x) / 16). A compiled spec's plan builds these (codegen/plan.py)."""
+class InputMap:
+    """An operand as an elementwise function f of a raw input x, which the op then takes in
+    its place: its kernels compute f(x) as they load x and multiply the operand's gradient
+    by f'(x), so no pass writes f(x) or reads its gradient. As `gate_map`, a per-channel
+    log gate (gla's logsigmoid(x) / 16); as `query_map` / `key_map`, a feature map of q or
+    k (linear_attn's elu(x) + 1). A compiled spec's plan builds these (codegen/plan.py)."""
     triton: str                                        # f, Triton code of `x`
     triton_grad: str                                   # f', Triton code of `x`
     torch: Callable[[torch.Tensor], torch.Tensor]      # f on fp32 tensors, for backend="torch"
 
 
 def kernel_spec(q: torch.Tensor, g, gv, exclusive: bool, name: str | None = None,
-                gate_map: GateMap | None = None) -> DiagKernelSpec:
+                gate_map: InputMap | None = None, query_map: InputMap | None = None,
+                key_map: InputMap | None = None) -> DiagKernelSpec:
     """The structure a call needs. Kernels are named `name` (a compiled spec passes its
     own, e.g. gla_S) or after the structure (e.g. diag_channel_vgate)."""
     gate = gate_kind(q, g)
     if gate_map is not None and gate != "channel":
         raise ValueError(f"gate_map is for per-channel gates [B, T, H, K]; g has shape "
                          f"{None if g is None else tuple(g.shape)}")
-    return _kernel_spec(gate, gv is not None, bool(exclusive), name, gate_map)
+    if (query_map is not None or key_map is not None) and (gate == "channel" or gv is not None):
+        raise ValueError("query_map and key_map are not taken with a per-channel gate (g [B, T, H, K] "
+                         "or gv): compute the feature map before the call")
+    return _kernel_spec(gate, gv is not None, bool(exclusive), name, gate_map, query_map, key_map)
 
 
 @functools.lru_cache(maxsize=256)
 def _kernel_spec(gate: str, vgate: bool, exclusive: bool, name: str | None,
-                 gate_map: GateMap | None) -> DiagKernelSpec:
+                 gate_map: InputMap | None, query_map: InputMap | None,
+                 key_map: InputMap | None) -> DiagKernelSpec:
     # one per structure: a call asks on every step of a training loop
     if name is None:
         name = f"diag_{gate}" + ("_vgate" if vgate else "") + ("_exclusive" if exclusive else "")
-    mapped = {} if gate_map is None else dict(gate_map=gate_map.triton, gate_map_grad=gate_map.triton_grad)
+    mapped = {}
+    for role, f in (("gate", gate_map), ("query", query_map), ("key", key_map)):
+        if f is not None:
+            mapped.update({f"{role}_map": f.triton, f"{role}_map_grad": f.triton_grad})
     return DiagKernelSpec(name=name, gate=gate, vgate=vgate, exclusive=exclusive, **mapped)
 
 
@@ -129,7 +138,8 @@ def chunk_diag(q, k, v, g=None, gv=None, h0=None, cu_seqlens=None, *, exclusive:
                input_precision: str = "tf32", poison: bool | None = None, name: str | None = None,
                config: dict | None = None, scale: float = 1.0, out_dtype: torch.dtype | None = None,
                residual: torch.Tensor | None = None, residual_scale=None,
-               key_scale: torch.Tensor | None = None, gate_map: GateMap | None = None):
+               key_scale: torch.Tensor | None = None, gate_map: InputMap | None = None,
+               query_map: InputMap | None = None, key_map: InputMap | None = None):
     """(o, ht) of S_t = diag(exp(g_t)) S_{t-1} diag(exp(gv_t)) + k_t v_t^T, o_t = q_t^T S_t
     (o_t = q_t^T S_{t-1} when `exclusive`).
 
@@ -155,11 +165,18 @@ def chunk_diag(q, k, v, g=None, gv=None, h0=None, cu_seqlens=None, *, exclusive:
     key_scale: None or [B, T, H], a per-token factor of the keys (the recurrence's k_t is
     key_scale_t * k_t; mamba2's B * delta), which the kernels apply as they load k instead
     of a pass writing the product; not with per-channel gates. Gradients flow to it.
-    gate_map: None or a GateMap f: g is then a raw input x ([B, T, H, K], any float dtype)
+    gate_map: None or an InputMap f: g is then a raw input x ([B, T, H, K], any float dtype)
     and the K-side log gate is f(x), which the kernels compute as they load x; the
-    gradient flows to x."""
+    gradient flows to x.
+    query_map, key_map: None or an InputMap f: q (k) is then a raw input x and the query
+    (key) is f(x), computed by the kernels as they load x, in fp32, and rounded as q (k)
+    is stored; dq (dk) is the gradient of x. Not with a per-channel gate (g [B, T, H, K]
+    or gv), and key_map not with key_scale."""
     check_backend(backend, input_precision)
-    spec = kernel_spec(q, g, gv, exclusive, name, gate_map)
+    spec = kernel_spec(q, g, gv, exclusive, name, gate_map, query_map, key_map)
+    if key_map is not None and key_scale is not None:
+        raise ValueError("key_map and key_scale together are not supported: fold the factor into the map "
+                         "or compute the keys before the call")
     if residual is not None:
         residual_scale = _residual_scale(residual_scale, v, per_head=backend == "triton")
         residual = residual.to(q.dtype)
@@ -168,6 +185,10 @@ def chunk_diag(q, k, v, g=None, gv=None, h0=None, cu_seqlens=None, *, exclusive:
             k = (k.float() * key_scale.float()[..., None]).to(k.dtype)
         if gate_map is not None:
             g = gate_map.torch(g.float())
+        if query_map is not None:
+            q = query_map.torch(q.float()).to(q.dtype)
+        if key_map is not None:
+            k = key_map.torch(k.float()).to(k.dtype)
         o, ht = chunk_diag_torch(q, k, v, g, gv, h0, cu_seqlens, exclusive, output_final_state, chunk_size)
         o = o * scale
         if residual is not None:

@@ -309,8 +309,10 @@ class CompiledOp:
             if call.kind == "delta":
                 kernel = chunk_delta.DeltaKernelSpec(name=name, gate=call.gate)
             else:
-                gate_map = call.gate_map()
-                mapped = {} if gate_map is None else dict(gate_map=gate_map[0], gate_map_grad=gate_map[1])
+                mapped = {}
+                for role, f in (("gate", call.gate_map()), ("query", call.query_map()), ("key", call.key_map())):
+                    if f is not None:
+                        mapped.update({f"{role}_map": f[0], f"{role}_map_grad": f[1]})
                 kernel = chunk_diag.DiagKernelSpec(name=name, gate=call.gate,
                                                    vgate=call.log_gate_v is not None,
                                                    exclusive=call.exclusive, **mapped)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from attnc.codegen.chunk_diag import DiagKernelSpec, chunk_diag_torch, render
-from attnc.runtime.chunk_diag_op import GateMap, chunk_diag, kernel_spec
+from attnc.runtime.chunk_diag_op import InputMap, chunk_diag, kernel_spec
 from attnc.runtime.loader import load_module
 
 FP32_TOLERANCE = 1e-4
@@ -725,7 +725,7 @@ def test_scale_with_a_v_side_gate_is_refused():
         chunk_diag(q, k, v, g, gv, h0, cu, exclusive=False, output_final_state=False, scale=0.5)
 
 
-LOGSIGMOID_16 = GateMap("_logsigmoid(x) / 16.0", "_sigmoid(-x) / 16.0", lambda x: F.logsigmoid(x) / 16)
+LOGSIGMOID_16 = InputMap("_logsigmoid(x) / 16.0", "_sigmoid(-x) / 16.0", lambda x: F.logsigmoid(x) / 16)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])

@@ -268,7 +268,7 @@ def test_operands_that_are_inputs_skip_the_prologue(name, computed, monkeypatch)
 ])
 def test_a_per_channel_gate_of_one_input_is_computed_by_the_chunk_kernels(name, gate_input, forward,
                                                                          derivative):
-    """A per-channel log gate f(u) of one input u: the chunk call takes u with a GateMap
+    """A per-channel log gate f(u) of one input u: the chunk call takes u with an InputMap
     (f and f' in Triton, f' from sympy), so the prologue writes no log gate, and the
     kernel module computes f as it cumulates u and f' in the gate gradient."""
     op = attnc.load(name)

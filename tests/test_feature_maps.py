@@ -1,0 +1,136 @@
+"""Feature maps the diagonal chunk kernels apply themselves: a query or key f(u), f
+elementwise and u one vector input (linear_attn's elu(q) + 1), goes to the chunk call as
+u with an InputMap; the kernels compute f(u) as they load u and multiply dq / dk by f'(u)
+as they store them, so no prologue pass writes f(u) or reads its gradient.
+
+Values, final states and every gradient against the fp64 recurrence, on both forward
+forms, with a scalar gate (the straddling gate gradient reads q . dq and k . dk of the
+mapped operands), a readout of the previous state, varlen batches, and a K that is not a
+power of two (f(0) = 1 for elu + 1: padded channels must stay zero).
+"""
+import pytest
+import torch
+
+import attnc
+from attnc.codegen.chunk_diag import DiagKernelSpec
+from attnc.codegen.emit_torch import elementwise_parts
+from attnc.codegen.plan import plan_chunks
+from attnc.runtime.chunk_diag_op import InputMap, chunk_diag
+from attnc.runtime.verify import verify
+
+GATED = """
+attention feature_gated
+  dims    K, V
+  inputs  q[K], k[K], v[V], g
+  param   scale = K ** -0.5
+
+  feature q = sigmoid(q) * scale
+  feature k = softplus(k)
+  gate    a = sigmoid(g)
+  state   S[K, V]
+  decay   S = a * S
+  update  S = S + outer(k, v)
+  readout o = q @ S
+end
+"""
+
+# only the query is mapped; the readout reads the state before the update
+EXCLUSIVE = """
+attention feature_exclusive
+  dims    K, V
+  inputs  q[K], k[K], v[V]
+
+  feature q = elu(q) + 1
+  state   S[K, V]
+  readout o = q @ S
+  update  S = S + outer(k, v)
+end
+"""
+
+SPECS = {"gated": GATED, "exclusive": EXCLUSIVE}
+
+
+def _op(name):
+    return attnc.load(name) if name == "linear_attn" else attnc.compile(SPECS[name])
+
+
+@pytest.mark.parametrize("name, query, key, scale, computed", [
+    ("linear_attn", "q", "k", "scale", []),
+    ("gated", "q", "k", "scale", ["S_log_gate"]),  # logsigmoid(g): a scalar gate's cumsum reads it
+    ("exclusive", "q", None, "1", []),
+])
+def test_feature_maps_go_to_the_chunk_kernels(name, query, key, scale, computed):
+    """The plan passes the raw inputs with their maps (a param factor of the query joins the
+    output's scale), its prologue computes neither (none is generated where nothing else
+    needs one), and the kernels hold f and f'."""
+    op = _op(name)
+    (call,) = plan_chunks(op.analysis).calls
+    assert (call.query_input, call.key_input, str(call.scale)) == (query, key, scale)
+    assert elementwise_parts(plan_chunks(op.analysis)).prologue.output_names == computed
+    sources = op.sources()
+    plan, kernels = sources[f"{op.name}_plan.py"], sources[f"{op.name}_S_kernels.py"]
+    assert (f"{op.name}_prologue.py" in sources) == bool(computed)
+    assert f"query_map={op.name.upper()}_S_QUERY_MAP" in plan
+    assert ("key_map=" in plan) == (key is not None)
+    code, derivative, _ = call.query_map()
+    assert "def _query_feature(x):" in kernels and f"return {code}\n" in kernels
+    assert f"return {derivative}\n" in kernels
+    assert ("def _key_feature(x):" in kernels) == (key is not None)
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("hgrn2", "key 1 - sigmoid(f) beside a per-channel gate"),
+    ("mamba2", "key B * delta: a per-token key scale"),
+    ("retnet", "q and k are inputs as they are"),
+])
+def test_operands_that_stay_with_the_prologue_or_as_given(name, reason):
+    (call,) = plan_chunks(attnc.load(name).analysis).calls
+    assert call.query_map() is None and call.key_map() is None, reason
+
+
+@pytest.mark.parametrize("name", ["linear_attn", "gated", "exclusive"])
+@pytest.mark.parametrize("fused", [0, 1])
+def test_mapped_operands_match_the_recurrence(name, fused):
+    result = verify(_op(name), backend="triton", B=2, T=37, H=2, K=16, V=32,
+                    config={"fused_forward": fused})
+    assert result.ok, result.errors
+
+
+@pytest.mark.parametrize("name", ["linear_attn", "gated"])
+def test_mapped_operands_with_padded_channels_and_varlen(name):
+    """K = 24 runs in 32-channel blocks: the feature of a padded (zero) channel is 1 for
+    elu + 1 and log 2 for softplus, and must not reach a dot. Varlen: sequences that end
+    inside a chunk."""
+    op = _op(name)
+    assert verify(op, backend="triton", H=2, K=24, V=16, seqlens=[19, 45, 7]).ok
+    result = verify(op, backend="triton", B=1, T=29, H=2, K=24, V=16)
+    assert result.ok, result.errors
+
+
+def test_mapped_operands_in_bf16():
+    result = verify(attnc.load("linear_attn"), backend="triton", B=1, T=64, H=2, K=32, V=32,
+                    dtype=torch.bfloat16)
+    assert result.ok, result.errors
+
+
+@pytest.mark.parametrize("name", ["linear_attn", "exclusive"])
+def test_the_torch_backend_applies_the_maps(name):
+    result = verify(_op(name), backend="torch", B=1, T=40, H=2, K=16, V=16)
+    assert result.ok, result.errors
+
+
+ELU1 = InputMap("1.0 + _elu(x)", "tl.where(x > 0.0, 1.0, tl.exp(x))", lambda x: torch.nn.functional.elu(x) + 1)
+
+
+def test_maps_are_refused_where_the_kernels_do_not_apply_them():
+    q, k, v = (torch.randn(1, 16, 1, 16) for _ in range(3))
+    with pytest.raises(ValueError, match="query_map and key_map are not taken with a per-channel gate"):
+        chunk_diag(q, k, v, -torch.rand(1, 16, 1, 16), exclusive=False, output_final_state=False,
+                   query_map=ELU1)
+    with pytest.raises(ValueError, match="key_map and key_scale together"):
+        chunk_diag(q, k, v, exclusive=False, output_final_state=False, key_map=ELU1,
+                   key_scale=torch.rand(1, 16, 1))
+    with pytest.raises(ValueError, match="query_map and .query_map_grad"):
+        DiagKernelSpec("f", query_map="_elu(x)")
+    with pytest.raises(ValueError, match="key_map is not taken with a per-channel gate"):
+        DiagKernelSpec("f", gate="channel", key_map="_elu(x)", key_map_grad="1.0")
