@@ -285,16 +285,10 @@ def _key_factor(analysis: Analysis, key: sp.Expr) -> tuple[sp.Expr, sp.Expr] | N
     return u, factor
 
 
-def _gate_input(analysis: Analysis, log_gate: sp.Expr) -> str | None:
-    """u's name when `log_gate` is f(u) for a vector input u, f elementwise (no
-    reductions) and made of numbers (gla's logsigmoid(g) / 16); None when it is u itself
-    (nothing to compute) or anything else."""
-    return _mapped_input(analysis, log_gate)
-
-
 def _mapped_input(analysis: Analysis, expr: sp.Expr | None) -> str | None:
     """u's name when `expr` is f(u) for a vector input u, f elementwise (no reductions)
-    and made of numbers; None when it is u itself (nothing to compute) or anything else."""
+    and made of numbers (gla's log gate logsigmoid(g) / 16, linear_attn's query elu(q) + 1);
+    None when it is u itself (nothing to compute) or anything else."""
     if expr is None:
         return None
     vectors = {i.name for i in analysis.spec.inputs if i.shape}
@@ -327,7 +321,7 @@ def _call(index: int, analysis: Analysis, st: StateForm, j: int, term, lr: Linea
         key_input=_mapped_input(analysis, key) if maps and key_scale is None else None,
         log_gate=st.log_gate if gate != "none" else None, gate=gate,
         log_gate_v=st.log_gate_v,
-        gate_input=_gate_input(analysis, st.log_gate) if gate == "channel" else None,
+        gate_input=_mapped_input(analysis, st.log_gate) if gate == "channel" else None,
         exclusive=bool(lr and lr.version == "t-1"),
         # every readout of the state sees the initial state (through term 0's recurrence);
         # the final state is summed over the terms of one readout's calls only
