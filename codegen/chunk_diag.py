@@ -35,12 +35,12 @@ class DiagKernelSpec:
     a function of `x`, the raw input the launchers then take as g, and of its derivative
     (gla: "_logsigmoid(x) / 16.0", "_sigmoid(-x) / 16.0"). The kernels map g as they load
     it, so no pass writes the log gate (codegen/plan.py, ChunkCall.gate_input).
-    query_map, query_map_grad, key_map, key_map_grad: "" or, with no per-channel gate on
-    either side, Triton code of the query (key) as a function of `x`, the raw input the
-    launchers then take as q (k), and of its derivative (linear_attn: "1.0 + _elu(x)").
-    The kernels map q (k) as they load it and multiply dq (dk) by the derivative as they
-    store it, so no pass writes the feature map or reads its gradient
-    (ChunkCall.query_input / key_input).
+    query_map, query_map_grad, key_map, key_map_grad: "" or, with no V-side gate, Triton
+    code of the query (key) as a function of `x`, the raw input the launchers then take as
+    q (k), and of its derivative (linear_attn: "1.0 + _elu(x)"; hgrn2's key beside its
+    per-channel gate: "1.0 - _sigmoid(x)"). The kernels map q (k) as they load it and
+    multiply dq (dk) by the derivative as they store it, so no pass writes the feature map
+    or reads its gradient (ChunkCall.query_input / key_input).
     """
 
     name: str
@@ -75,9 +75,8 @@ class DiagKernelSpec:
             if not isinstance(f, str) or not isinstance(grad, str) or bool(f) != bool(grad):
                 raise ValueError(f"DiagKernelSpec.{role}_map and .{role}_map_grad: both Triton code of `x`, "
                                  "or both empty")
-            if f and (self.gate == "channel" or self.vgate):
-                raise ValueError(f"DiagKernelSpec.{role}_map is not taken with a per-channel gate; "
-                                 f"gate={self.gate!r}, vgate={self.vgate}")
+            if f and self.vgate:
+                raise ValueError(f"DiagKernelSpec.{role}_map is not taken with a V-side gate (vgate=True)")
 
 
 def render(spec: DiagKernelSpec) -> str:

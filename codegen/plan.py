@@ -69,11 +69,12 @@ class ChunkCall:
     # compute f(u) as they load u and multiply the gradient by f'(u), so no pass writes the
     # log gate or reads its gradient. None where the gate is not of that form.
     gate_input: str | None = None
-    # diag, no per-channel gate on either side: a query / key f(u), f elementwise, u a
-    # vector input and nothing else (linear_attn's elu(q) + 1): the call passes u and f
-    # (`query_map` / `key_map`), the kernels compute f(u) as they load u and multiply dq /
-    # dk by f'(u) as they store them, so no pass writes f(u) or reads its gradient. None
-    # where the operand is an input as it is or not of that form (a key with a key_scale).
+    # diag, no V-side gate: a query / key f(u), f elementwise, u a vector input and
+    # nothing else (linear_attn's elu(q) + 1, hgrn2's key 1 - sigmoid(f) beside its gate
+    # logsigmoid(f)): the call passes u and f (`query_map` / `key_map`), the kernels compute
+    # f(u) as they load u and multiply dq / dk by f'(u) as they store them, so no pass
+    # writes f(u) or reads its gradient. None where the operand is an input as it is or not
+    # of that form (a key with a key_scale).
     query_input: str | None = None
     key_input: str | None = None
 
@@ -309,9 +310,8 @@ def _call(index: int, analysis: Analysis, st: StateForm, j: int, term, lr: Linea
     key, key_scale = factored if factored else (term.x, None)
     query = lr.query if lr else None
     # feature maps the kernels apply as they load (and whose gradient they apply as they
-    # store dq / dk): not beside per-channel gates, whose kernels load q and k in many more
-    # forms (decayed copies, sub-chunks)
-    maps = gate != "channel" and st.log_gate_v is None
+    # store dq / dk): not beside a V-side gate, whose kernels the maps do not reach
+    maps = st.log_gate_v is None
     return ChunkCall(
         index=index, kind="diag", state=st.name, term=j,
         readout=lr.placeholder.name if lr else None,

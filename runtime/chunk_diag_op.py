@@ -39,9 +39,9 @@ def kernel_spec(q: torch.Tensor, g, gv, exclusive: bool, name: str | None = None
     if gate_map is not None and gate != "channel":
         raise ValueError(f"gate_map is for per-channel gates [B, T, H, K]; g has shape "
                          f"{None if g is None else tuple(g.shape)}")
-    if (query_map is not None or key_map is not None) and (gate == "channel" or gv is not None):
-        raise ValueError("query_map and key_map are not taken with a per-channel gate (g [B, T, H, K] "
-                         "or gv): compute the feature map before the call")
+    if (query_map is not None or key_map is not None) and gv is not None:
+        raise ValueError("query_map and key_map are not taken with a V-side gate (gv): compute the feature "
+                         "map before the call")
     return _kernel_spec(gate, gv is not None, bool(exclusive), name, gate_map, query_map, key_map)
 
 
@@ -98,6 +98,9 @@ class ChunkDiagFunction(torch.autograd.Function):
         ctx.residual_is_v = residual is v
         ctx.scale = scale
         ctx.options = options
+        # the key and the log gate are features of one raw input: one gradient, summed by the
+        # gate-gradient kernel
+        ctx.key_into_gate = bool(spec.key_map and spec.gate_map) and k is g
         ctx.set_materialize_grads(False)
         return o, ht
 
@@ -121,7 +124,7 @@ class ChunkDiagFunction(torch.autograd.Function):
         g = gate if raw_gate is None else raw_gate
         grads = module.backward(q, k, v, g, vgate, h0, cu_seqlens, do, dht, o=o, scale=ctx.scale,
                                 residual=residual, residual_scale=residual_scale, key_scale=key_scale,
-                                saved=saved, **ctx.options.as_kwargs())
+                                saved=saved, key_into_gate=ctx.key_into_gate, **ctx.options.as_kwargs())
         g_dtype, gv_dtype = ctx.gate_dtypes
         dq, dk, dv, dg, dgv, dh0, d_residual, d_residual_scale, d_key_scale = (
             None if grad is None else grad.to(dtype)
@@ -170,8 +173,10 @@ def chunk_diag(q, k, v, g=None, gv=None, h0=None, cu_seqlens=None, *, exclusive:
     gradient flows to x.
     query_map, key_map: None or an InputMap f: q (k) is then a raw input x and the query
     (key) is f(x), computed by the kernels as they load x, in fp32, and rounded as q (k)
-    is stored; dq (dk) is the gradient of x. Not with a per-channel gate (g [B, T, H, K]
-    or gv), and key_map not with key_scale."""
+    is stored; dq (dk) is the gradient of x. Not with a V-side gate (gv), and key_map not
+    with key_scale. Where k and g are one tensor with a key map and a gate map (hgrn2's
+    key 1 - sigmoid(f) and log gate logsigmoid(f)), the backward adds the key's gradient
+    into the gate's in its gate-gradient kernel: no pass adds the two."""
     check_backend(backend, input_precision)
     spec = kernel_spec(q, g, gv, exclusive, name, gate_map, query_map, key_map)
     if key_map is not None and key_scale is not None:

@@ -188,18 +188,18 @@ def test_gqa_heads_and_strided_tensors(name, layout):
 
 def test_plan_runs_the_fused_parts_on_triton():
     """The fused modules ride in the op's sources beside the plan, are named after the
-    spec, and the plan picks them by backend. (hgrn2: its prologue computes the key
-    1 - sigmoid(f), so it has a backward kernel too.)"""
-    op = attnc.load("hgrn2")
+    spec, and the plan picks them by backend. (mamba2: its prologue computes the log gate
+    and the key scale from dt and three weights, so it has a backward kernel too.)"""
+    op = attnc.load("mamba2")
     files = op.sources()
-    assert {"hgrn2_prologue.py", "hgrn2_epilogue.py"} <= set(files)
-    assert "def hgrn2_prologue_fwd(" in files["hgrn2_prologue.py"]
-    assert "def hgrn2_prologue_bwd(" in files["hgrn2_prologue.py"]
+    assert {"mamba2_prologue.py", "mamba2_epilogue.py"} <= set(files)
+    assert "def mamba2_prologue_fwd(" in files["mamba2_prologue.py"]
+    assert "def mamba2_prologue_bwd(" in files["mamba2_prologue.py"]
     plan = op.plan_module()
     assert plan.elementwise("torch") == (plan.Prologue, plan.Epilogue)
     fused = plan.elementwise("triton")
-    assert [f.__module__.split("_")[2:4] for f in fused] == [["hgrn2", "prologue"], ["hgrn2", "epilogue"]]
-    assert emit_elementwise(plan_chunks(op.analysis)).keys() == {"hgrn2_prologue", "hgrn2_epilogue"}
+    assert [f.__module__.split("_")[2:4] for f in fused] == [["mamba2", "prologue"], ["mamba2", "epilogue"]]
+    assert emit_elementwise(plan_chunks(op.analysis)).keys() == {"mamba2_prologue", "mamba2_epilogue"}
 
 
 @pytest.mark.parametrize("name, runs_epilogue", [("mamba2", False), ("gla", False), ("deltanet", False),

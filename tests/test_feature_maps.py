@@ -7,6 +7,12 @@ Values, final states and every gradient against the fp64 recurrence, on both for
 forms, with a scalar gate (the straddling gate gradient reads q . dq and k . dk of the
 mapped operands), a readout of the previous state, varlen batches, and a K that is not a
 power of two (f(0) = 1 for elu + 1: padded channels must stay zero).
+
+Beside a per-channel gate the maps reach every form its kernels load q and k in: the
+scores kernel's whole chunks and sub-chunks (factored and exact diagonal sub-blocks, both
+loops), the decayed copies it stores for the forward's later kernels, the dq / dk
+kernel's sub-chunk helpers. hgrn2's key 1 - sigmoid(f) and log gate logsigmoid(f) map one
+input: its gate-gradient kernel adds the key's gradient, so no pass adds the two.
 """
 import pytest
 import torch
@@ -47,17 +53,51 @@ attention feature_exclusive
 end
 """
 
-SPECS = {"gated": GATED, "exclusive": EXCLUSIVE}
+# a per-channel gate beside a mapped query and key, each of its own input
+CHANNEL = """
+attention feature_channel
+  dims    K, V
+  inputs  q[K], k[K], v[V], g[K]
+
+  feature q = elu(q) + 1
+  feature k = softplus(k)
+  gate    a = sigmoid(g)
+  state   S[K, V]
+  decay   S = diag(a) @ S
+  update  S = S + outer(k, v)
+  readout o = q @ S
+end
+"""
+
+# a per-channel gate, the query mapped, the readout before the update
+CHANNEL_EXCLUSIVE = """
+attention feature_channel_exclusive
+  dims    K, V
+  inputs  q[K], k[K], v[V], w[K]
+
+  feature q = sigmoid(q)
+  gate    a = exp(-exp(w))
+  state   S[K, V]
+  readout o = q @ S
+  decay   S = diag(a) @ S
+  update  S = S + outer(k, v)
+end
+"""
+
+SPECS = {"gated": GATED, "exclusive": EXCLUSIVE, "channel": CHANNEL, "channel_exclusive": CHANNEL_EXCLUSIVE}
 
 
 def _op(name):
-    return attnc.load(name) if name == "linear_attn" else attnc.compile(SPECS[name])
+    return attnc.compile(SPECS[name]) if name in SPECS else attnc.load(name)
 
 
 @pytest.mark.parametrize("name, query, key, scale, computed", [
     ("linear_attn", "q", "k", "scale", []),
     ("gated", "q", "k", "scale", ["S_log_gate"]),  # logsigmoid(g): a scalar gate's cumsum reads it
     ("exclusive", "q", None, "1", []),
+    ("hgrn2", None, "f", "1", []),      # key 1 - sigmoid(f), beside the gate logsigmoid(f)
+    ("channel", "q", "k", "1", []),
+    ("channel_exclusive", "q", None, "1", []),
 ])
 def test_feature_maps_go_to_the_chunk_kernels(name, query, key, scale, computed):
     """The plan passes the raw inputs with their maps (a param factor of the query joins the
@@ -70,16 +110,16 @@ def test_feature_maps_go_to_the_chunk_kernels(name, query, key, scale, computed)
     sources = op.sources()
     plan, kernels = sources[f"{op.name}_plan.py"], sources[f"{op.name}_S_kernels.py"]
     assert (f"{op.name}_prologue.py" in sources) == bool(computed)
-    assert f"query_map={op.name.upper()}_S_QUERY_MAP" in plan
+    assert (f"query_map={op.name.upper()}_S_QUERY_MAP" in plan) == (query is not None)
     assert ("key_map=" in plan) == (key is not None)
-    code, derivative, _ = call.query_map()
-    assert "def _query_feature(x):" in kernels and f"return {code}\n" in kernels
-    assert f"return {derivative}\n" in kernels
-    assert ("def _key_feature(x):" in kernels) == (key is not None)
+    for role, mapped in (("query", call.query_map()), ("key", call.key_map())):
+        assert (f"def _{role}_feature(x):" in kernels) == (mapped is not None)
+        if mapped is not None:
+            code, derivative, _ = mapped
+            assert f"return {code}\n" in kernels and f"return {derivative}\n" in kernels
 
 
 @pytest.mark.parametrize("name, reason", [
-    ("hgrn2", "key 1 - sigmoid(f) beside a per-channel gate"),
     ("mamba2", "key B * delta: a per-token key scale"),
     ("retnet", "q and k are inputs as they are"),
 ])
@@ -124,13 +164,70 @@ ELU1 = InputMap("1.0 + _elu(x)", "tl.where(x > 0.0, 1.0, tl.exp(x))", lambda x: 
 
 def test_maps_are_refused_where_the_kernels_do_not_apply_them():
     q, k, v = (torch.randn(1, 16, 1, 16) for _ in range(3))
-    with pytest.raises(ValueError, match="query_map and key_map are not taken with a per-channel gate"):
-        chunk_diag(q, k, v, -torch.rand(1, 16, 1, 16), exclusive=False, output_final_state=False,
+    with pytest.raises(ValueError, match="query_map and key_map are not taken with a V-side gate"):
+        chunk_diag(q, k, v, gv=-torch.rand(1, 16, 1, 16), exclusive=False, output_final_state=False,
                    query_map=ELU1)
     with pytest.raises(ValueError, match="key_map and key_scale together"):
         chunk_diag(q, k, v, exclusive=False, output_final_state=False, key_map=ELU1,
                    key_scale=torch.rand(1, 16, 1))
     with pytest.raises(ValueError, match="query_map and .query_map_grad"):
         DiagKernelSpec("f", query_map="_elu(x)")
-    with pytest.raises(ValueError, match="key_map is not taken with a per-channel gate"):
-        DiagKernelSpec("f", gate="channel", key_map="_elu(x)", key_map_grad="1.0")
+    with pytest.raises(ValueError, match="key_map is not taken with a V-side gate"):
+        DiagKernelSpec("f", gate="channel", vgate=True, key_map="_elu(x)", key_map_grad="1.0")
+    # beside a per-channel gate they are taken
+    assert DiagKernelSpec("f", gate="channel", key_map="_elu(x)", key_map_grad="1.0").key_map == "_elu(x)"
+
+
+# the configs that send a per-channel gate's chunks through each path: whole chunks (the
+# default where spans allow), sub-chunks with factored diagonal sub-blocks, and exact ones
+# 8 columns at a time and one at a time
+CHANNEL_PATHS = [{}, {"whole_chunk": 0}, {"exact_diag": 1, "diag_loop": 0}, {"exact_diag": 1, "diag_loop": 1}]
+
+
+@pytest.mark.parametrize("name", ["hgrn2", "channel", "channel_exclusive"])
+@pytest.mark.parametrize("config", CHANNEL_PATHS + [{"fused_forward": 0}],
+                         ids=["whole", "factored", "exact-columns", "exact-loop", "two-pass"])
+def test_mapped_operands_beside_a_per_channel_gate(name, config):
+    result = verify(_op(name), backend="triton", B=2, T=37, H=2, K=16, V=32, config=config)
+    assert result.ok, result.errors
+
+
+@pytest.mark.parametrize("name", ["hgrn2", "channel"])
+def test_mapped_operands_beside_a_per_channel_gate_padded_and_varlen(name):
+    """K = 24: sigmoid / softplus of a padded channel are 1/2 and log 2 (not 0), and must
+    reach neither a dot nor the decayed copies."""
+    op = _op(name)
+    result = verify(op, backend="triton", H=2, K=24, V=16, seqlens=[19, 45, 7], config={"whole_chunk": 0})
+    assert result.ok, result.errors
+    result = verify(op, backend="triton", B=1, T=29, H=2, K=24, V=16)
+    assert result.ok, result.errors
+
+
+def test_mapped_key_and_gate_in_bf16():
+    result = verify(attnc.load("hgrn2"), backend="triton", B=1, T=64, H=2, K=32, V=32, dtype=torch.bfloat16)
+    assert result.ok, result.errors
+
+
+def test_one_raw_input_for_key_and_gate_gets_one_gradient_pass():
+    """hgrn2: no prologue, and the backward's gate-gradient kernel adds f's two gradients
+    (a PyTorch add of two [B, T, H, K] tensors before)."""
+    from attnc.runtime.launches import record
+
+    op = attnc.load("hgrn2")
+    trace = record(op, B=1, T=64, H=2, dims={"K": 32, "V": 32}, step=False)
+    names = [launch.name for launch in trace.launches()]
+    assert not [n for n in names if "prologue" in n], names
+    assert [n for n in names if n.endswith("_gate_grad")] == ["hgrn2_S_gate_grad"]
+    # (aten.full: the test run's NaN poisoning of fresh buffers)
+    passes = [op.name for op in trace.torch_ops("backward") if op.name != "aten.full"]
+    assert passes == [], passes
+
+
+def test_key_into_gate_needs_one_mapped_input():
+    from attnc.runtime.chunk_diag_op import MODULES, kernel_spec
+
+    q, k, v = (torch.randn(1, 16, 1, 16) for _ in range(3))
+    g = -torch.rand(1, 16, 1, 16)
+    module = MODULES.get(kernel_spec(q, g, None, False))
+    with pytest.raises(ValueError, match="key_into_gate"):
+        module.backward(q, k, v, g, None, None, None, torch.randn(1, 16, 1, 16), None, key_into_gate=True)
