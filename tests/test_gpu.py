@@ -126,3 +126,18 @@ def test_forward_without_backward(name, fused):
 
         assert rel(out, ref) <= 2e-2, (seqlens, rel(out, ref))
         assert rel(out, kept) <= 1e-2, (seqlens, rel(out, kept))
+
+
+# Feature maps inside the per-channel kernels (compiled: the constexpr map branches, the
+# rounded loads beside tensor-core dots): hgrn2's key and gate of one input, and q and k
+# both mapped, on every path the chunks can take
+@pytest.mark.parametrize("config", [{}, {"whole_chunk": 0}, {"exact_diag": 1, "diag_loop": 0},
+                                    {"exact_diag": 1, "diag_loop": 1}, {"fused_forward": 0}],
+                         ids=["whole", "factored", "exact-columns", "exact-loop", "two-pass"])
+@pytest.mark.parametrize("name", ["hgrn2", "channel"])
+def test_feature_maps_beside_per_channel_gates(name, config):
+    from test_feature_maps import SPECS
+
+    op = attnc.compile(SPECS[name]) if name in SPECS else attnc.load(name)
+    result = verify(op, B=2, T=1000, H=4, K=128, V=128, dtype=torch.bfloat16, device="cuda", config=config)
+    assert result.ok, result.errors
