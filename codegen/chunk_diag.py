@@ -22,6 +22,40 @@ GATE_KINDS = ("none", "scalar", "channel")
 SUB_CHUNK = 16
 
 
+@dataclass(frozen=True)
+class ScalarMapCode:
+    """A scalar log gate, and the keys' per-token factor beside it, as functions of raw
+    tensors, in Triton code: mamba2's log gate -exp(A_log) softplus(dt + dt_bias) and key
+    factor softplus(dt + dt_bias) of the per-token input dt and the per-head weights A_log
+    and dt_bias. The cumsum kernel computes both as it loads the raw tensors and the gate
+    gradient kernel applies the chain rule, so no pass writes them or reads their gradients
+    (codegen/plan.py, ChunkCall.scalar_inputs).
+
+    tokens: the per-token scalar inputs, [B, T, H], loaded as `b_<name>` rows;
+    heads: the per-head weights, [H], loaded as `w_<name>` scalars;
+    log_gate, key_scale: Triton code of each in those names ("" for no key factor);
+    grads: Triton code of each raw tensor's gradient (tokens, then heads) in those names and
+    `cot_gate`, `cot_scale`, the gradients of the log gate and of the key factor."""
+
+    tokens: tuple[str, ...]
+    heads: tuple[str, ...]
+    log_gate: str
+    key_scale: str
+    grads: tuple[str, ...]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.tokens + self.heads
+
+    def check(self) -> None:
+        names = self.names
+        if not names or len(set(names)) != len(names) or not all(n.isidentifier() for n in names):
+            raise ValueError(f"ScalarMapCode: tokens {self.tokens} and heads {self.heads} must be distinct "
+                             "identifiers, at least one")
+        if not self.log_gate or len(self.grads) != len(names):
+            raise ValueError("ScalarMapCode: a log gate's code and one gradient per raw tensor are needed")
+
+
 
 @dataclass(frozen=True)
 class DiagKernelSpec:
@@ -41,6 +75,9 @@ class DiagKernelSpec:
     per-channel gate: "1.0 - _sigmoid(x)"). The kernels map q (k) as they load it and
     multiply dq (dk) by the derivative as they store it, so no pass writes the feature map
     or reads its gradient (ChunkCall.query_input / key_input).
+    scalar_map: None or, with a scalar gate and no V-side gate, a ScalarMapCode: the
+    launchers then take the raw tensors it names as g (a tuple) and compute the log gate
+    and the keys' factor from them.
     """
 
     name: str
@@ -53,6 +90,7 @@ class DiagKernelSpec:
     query_map_grad: str = ""
     key_map: str = ""
     key_map_grad: str = ""
+    scalar_map: ScalarMapCode | None = None
 
     def __post_init__(self):
         self.check()
@@ -77,6 +115,13 @@ class DiagKernelSpec:
                                  "or both empty")
             if f and self.vgate:
                 raise ValueError(f"DiagKernelSpec.{role}_map is not taken with a V-side gate (vgate=True)")
+        if self.scalar_map is not None:
+            if not isinstance(self.scalar_map, ScalarMapCode):
+                raise ValueError("DiagKernelSpec.scalar_map must be a ScalarMapCode or None")
+            if self.gate != "scalar" or self.vgate:
+                raise ValueError("DiagKernelSpec.scalar_map is for a scalar gate without a V-side gate; "
+                                 f"gate={self.gate!r}, vgate={self.vgate}")
+            self.scalar_map.check()
 
 
 def render(spec: DiagKernelSpec) -> str:
@@ -85,7 +130,8 @@ def render(spec: DiagKernelSpec) -> str:
     return template.render(name=spec.name, gate=spec.gate, vgate=spec.vgate, exclusive=spec.exclusive,
                            gate_map=spec.gate_map, gate_map_grad=spec.gate_map_grad,
                            query_map=spec.query_map, query_map_grad=spec.query_map_grad,
-                           key_map=spec.key_map, key_map_grad=spec.key_map_grad)
+                           key_map=spec.key_map, key_map_grad=spec.key_map_grad,
+                           scalar_map=spec.scalar_map)
 
 
 # ---------------------------------------------------------------------------------------

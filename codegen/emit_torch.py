@@ -133,8 +133,9 @@ def elementwise_parts(plan: ChunkPlan) -> ElementwiseParts:
         for role in ("query", "key", "value", "beta", "log_gate", "log_gate_v", "key_scale"):
             expr = getattr(call, role)
             if (role == "log_gate" and call.gate_input is not None or role == "query" and call.query_input
-                    is not None or role == "key" and call.key_input is not None):
-                expr = None  # the chunk kernels compute it from the raw input
+                    is not None or role == "key" and call.key_input is not None
+                    or role in ("log_gate", "key_scale") and call.scalar_inputs is not None):
+                expr = None  # the chunk kernels compute it from the raw input(s)
             names[role] = None if expr is None else f"{prefix}_{role}"
             if expr is None:
                 continue
@@ -234,8 +235,20 @@ def emit_plan(plan: ChunkPlan, version: str) -> str:
                 maps.append(dict(role=role, what=what, var=f"{kernel_name.upper()}_{role.upper()}_MAP",
                                  triton=mapped[0], triton_grad=mapped[1], torch=mapped[2],
                                  expr=str(expr), input=u))
+        scalar_map = None  # a scalar gate the chunk kernels compute from raw tensors
+        if call.scalar_inputs is not None:
+            code, lam = call.scalar_map(analysis)
+            inputs = {i.name: i for i in spec.inputs}
+            py["log_gate"] = "None"
+            call_fields["key_scale"] = None
+            scalar_map = dict(
+                var=f"{kernel_name.upper()}_SCALAR_MAP", code=code, torch=lam,
+                what=f"log gate {call.log_gate}" + ("" if call.key_scale is None
+                                                    else f" and key factor {call.key_scale}"),
+                args=[f'per_token(values["{n}"], shape).squeeze(-1)' if n in inputs else f'values["{n}"]'
+                      for n in call.scalar_inputs])
         calls.append({**call_fields, "py": py, "read_op": read_op, "final_op": final_op,
-                      "kernel_name": kernel_name, "maps": maps})
+                      "kernel_name": kernel_name, "maps": maps, "scalar_map": scalar_map})
 
     return environment().get_template("plan_torch.py.jinja").render(
         spec_name=spec.name,

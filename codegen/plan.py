@@ -77,6 +77,13 @@ class ChunkCall:
     # of that form (a key with a key_scale).
     query_input: str | None = None
     key_input: str | None = None
+    # diag, scalar gate, no V-side gate: a log gate (and a key_scale beside it) made of
+    # per-token scalar inputs and per-head weights only (mamba2's -exp(A_log) softplus(dt +
+    # dt_bias) and softplus(dt + dt_bias)), which is not an input as it is: the call passes
+    # these raw tensors (the inputs, then the weights), the cumsum kernel computes the gate
+    # and the key factor from them and the gate-gradient kernel their gradients
+    # (`scalar_map`), so no pass writes either or reads their gradients. None otherwise.
+    scalar_inputs: tuple[str, ...] | None = None
 
     def kernel_name(self, spec_name: str, n_calls: int) -> str:
         """Generated kernels are named after the spec and the state they compute."""
@@ -94,6 +101,39 @@ class ChunkCall:
     def key_map(self) -> tuple[str, str, str] | None:
         """As gate_map, for a key the call passes as its input (`key_input`)."""
         return None if self.key_input is None else _input_map(self.key)
+
+
+    def scalar_map(self, analysis: Analysis):
+        """(ScalarMapCode, PyTorch code of a lambda of the raw tensors returning (log gate, key
+        factor or None)) where the call passes scalar inputs (`scalar_inputs`); else None."""
+        if self.scalar_inputs is None:
+            return None
+        from .chunk_diag import ScalarMapCode
+        from .torch_printer import torch_code
+        from .triton_printer import TritonPrinter
+
+        tokens = tuple(n for n in self.scalar_inputs if n in _scalar_input_names(analysis))
+        heads = tuple(n for n in self.scalar_inputs if n not in tokens)
+        symbols = {x.name: x for e in (self.log_gate, self.key_scale) if e is not None for x in e.free_symbols}
+        cot_gate, cot_scale = sp.Dummy("cot_gate"), sp.Dummy("cot_scale")
+        names = {cot_gate: "cot_gate", cot_scale: "cot_scale"}
+        names.update({symbols[n]: ("b_" if n in tokens else "w_") + n for n in self.scalar_inputs})
+        triton = TritonPrinter(lambda x: names[x], {})
+        grads = []
+        for n in self.scalar_inputs:
+            x = symbols[n]
+            grad = cot_gate * sp.diff(self.log_gate, x)
+            if self.key_scale is not None:
+                grad += cot_scale * sp.diff(self.key_scale, x)
+            grads.append(triton.code(grad))
+        code = ScalarMapCode(tokens=tokens, heads=heads, log_gate=triton.code(self.log_gate),
+                             key_scale="" if self.key_scale is None else triton.code(self.key_scale),
+                             grads=tuple(grads))
+        args = {symbols[n]: sp.Symbol(f"x{i}") for i, n in enumerate(self.scalar_inputs)}
+        scale = "None" if self.key_scale is None else torch_code(self.key_scale.xreplace(args))
+        lam = (f"lambda {', '.join(f'x{i}' for i in range(len(args)))}: "
+               f"({torch_code(self.log_gate.xreplace(args))}, {scale})")
+        return code, lam
 
 
 def _input_map(expr: sp.Expr) -> tuple[str, str, str]:
@@ -302,6 +342,26 @@ def _mapped_input(analysis: Analysis, expr: sp.Expr | None) -> str | None:
     return u.name
 
 
+def _scalar_input_names(analysis: Analysis) -> set[str]:
+    return {i.name for i in analysis.spec.inputs if not i.shape}
+
+
+def _scalar_map_inputs(analysis: Analysis, log_gate: sp.Expr, key_scale: sp.Expr | None) -> tuple[str, ...] | None:
+    """The raw tensors of a scalar gate's map (`ChunkCall.scalar_inputs`): the per-token scalar
+    inputs and per-head weights the log gate and the key factor are made of, in the spec's
+    order; None where they are made of anything else (params, vector inputs) or where
+    neither needs computing (each an input as it is, or absent)."""
+    spec = analysis.spec
+    tokens = [i.name for i in spec.inputs if not i.shape]
+    heads = [w.name for w in spec.weights if not w.shape]
+    used = {x.name for e in (log_gate, key_scale) if e is not None for x in e.free_symbols}
+    if not used or not used <= set(tokens) | set(heads):
+        return None
+    if all(e is None or isinstance(e, sp.Symbol) and e.name in tokens for e in (log_gate, key_scale)):
+        return None
+    return tuple(n for n in tokens + heads if n in used)
+
+
 def _call(index: int, analysis: Analysis, st: StateForm, j: int, term, lr: LinearReadout | None,
           first_read: bool):
     gate = _gate(st)
@@ -312,6 +372,8 @@ def _call(index: int, analysis: Analysis, st: StateForm, j: int, term, lr: Linea
     # feature maps the kernels apply as they load (and whose gradient they apply as they
     # store dq / dk): not beside a V-side gate, whose kernels the maps do not reach
     maps = st.log_gate_v is None
+    scalar_inputs = (_scalar_map_inputs(analysis, st.log_gate, key_scale)
+                     if gate == "scalar" and st.log_gate_v is None else None)
     return ChunkCall(
         index=index, kind="diag", state=st.name, term=j,
         readout=lr.placeholder.name if lr else None,
@@ -322,6 +384,7 @@ def _call(index: int, analysis: Analysis, st: StateForm, j: int, term, lr: Linea
         log_gate=st.log_gate if gate != "none" else None, gate=gate,
         log_gate_v=st.log_gate_v,
         gate_input=_mapped_input(analysis, st.log_gate) if gate == "channel" else None,
+        scalar_inputs=scalar_inputs,
         exclusive=bool(lr and lr.version == "t-1"),
         # every readout of the state sees the initial state (through term 0's recurrence);
         # the final state is summed over the terms of one readout's calls only

@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from ..codegen.chunk_diag import DiagKernelSpec, chunk_diag_torch, render
+from ..codegen.chunk_diag import DiagKernelSpec, ScalarMapCode, chunk_diag_torch, render
 from .kernels import KernelModules, LaunchOptions, check_backend, gate_kind
 
 
@@ -30,11 +30,30 @@ class InputMap:
     torch: Callable[[torch.Tensor], torch.Tensor]      # f on fp32 tensors, for backend="torch"
 
 
+@dataclass(frozen=True)
+class ScalarMap:
+    """A scalar log gate, and the keys' per-token factor beside it, as functions of raw
+    tensors, which the op then takes in their place (mamba2's -exp(A_log) softplus(dt +
+    dt_bias) and softplus(dt + dt_bias) of dt and the per-head weights A_log, dt_bias): its
+    cumsum kernel computes both as it loads the raw tensors and its gate-gradient kernel
+    applies the chain rule, so no pass writes them or reads their gradients. A compiled
+    spec's plan builds these (codegen/plan.py, ChunkCall.scalar_inputs)."""
+    code: ScalarMapCode
+    # (log gate, key factor or None) of the raw tensors (per-token ones [B, T, H], per-head
+    # ones [H]) in fp32, for backend="torch"
+    torch: Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
+
+
 def kernel_spec(q: torch.Tensor, g, gv, exclusive: bool, name: str | None = None,
                 gate_map: InputMap | None = None, query_map: InputMap | None = None,
-                key_map: InputMap | None = None) -> DiagKernelSpec:
+                key_map: InputMap | None = None, scalar_map: ScalarMap | None = None) -> DiagKernelSpec:
     """The structure a call needs. Kernels are named `name` (a compiled spec passes its
     own, e.g. gla_S) or after the structure (e.g. diag_channel_vgate)."""
+    if scalar_map is not None:
+        if g is not None or gv is not None:
+            raise ValueError("scalar_map computes the scalar log gate from scalar_inputs: pass g=None "
+                             "and gv=None")
+        return _kernel_spec("scalar", False, bool(exclusive), name, None, query_map, key_map, scalar_map.code)
     gate = gate_kind(q, g)
     if gate_map is not None and gate != "channel":
         raise ValueError(f"gate_map is for per-channel gates [B, T, H, K]; g has shape "
@@ -48,7 +67,7 @@ def kernel_spec(q: torch.Tensor, g, gv, exclusive: bool, name: str | None = None
 @functools.lru_cache(maxsize=256)
 def _kernel_spec(gate: str, vgate: bool, exclusive: bool, name: str | None,
                  gate_map: InputMap | None, query_map: InputMap | None,
-                 key_map: InputMap | None) -> DiagKernelSpec:
+                 key_map: InputMap | None, scalar_map: ScalarMapCode | None = None) -> DiagKernelSpec:
     # one per structure: a call asks on every step of a training loop
     if name is None:
         name = f"diag_{gate}" + ("_vgate" if vgate else "") + ("_exclusive" if exclusive else "")
@@ -56,7 +75,7 @@ def _kernel_spec(gate: str, vgate: bool, exclusive: bool, name: str | None,
     for role, f in (("gate", gate_map), ("query", query_map), ("key", key_map)):
         if f is not None:
             mapped.update({f"{role}_map": f.triton, f"{role}_map_grad": f.triton_grad})
-    return DiagKernelSpec(name=name, gate=gate, vgate=vgate, exclusive=exclusive, **mapped)
+    return DiagKernelSpec(name=name, gate=gate, vgate=vgate, exclusive=exclusive, scalar_map=scalar_map, **mapped)
 
 
 # rendered and imported modules, one per DiagKernelSpec
@@ -72,8 +91,10 @@ class ChunkDiagFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, gv, h0, cu_seqlens, spec, output_final_state, options, scale,
-                out_dtype, residual, residual_scale, key_scale, keep):
+                out_dtype, residual, residual_scale, key_scale, keep, *scalar_inputs):
         module = ChunkDiagFunction.module_for(spec)
+        if spec.scalar_map is not None:
+            g = scalar_inputs  # the module computes the log gate from them
         if not keep:
             # no backward can follow (grad mode off, or no input needs a gradient): nothing
             # to keep, and the kernels skip what only the backward would read
@@ -88,11 +109,14 @@ class ChunkDiagFunction(torch.autograd.Function):
         # whose shapes and dtypes are all it needs of them, unless a gate map's derivative
         # reads the raw input) and, with a per-channel gate, its intra-chunk scores. o is an
         # output anyway; the V-side gate gradient needs it.
+        # (with a scalar map its raw tensors, which the gate-gradient kernel reads, and the keys'
+        # factor it computed)
         ctx.save_for_backward(q, k, v, saved.gate, g if spec.gate_map else None, saved.vgate, saved.scores,
                               h0, cu_seqlens, o if spec.vgate else None, None if residual is v else residual,
-                              residual_scale, key_scale)
+                              residual_scale, key_scale, saved.key_scale, *scalar_inputs)
         ctx.saved_chunk_size = saved.chunk_size
-        ctx.gate_dtypes = (None if g is None else g.dtype, None if gv is None else gv.dtype)
+        ctx.gate_dtypes = (None if g is None or spec.scalar_map is not None else g.dtype,
+                           None if gv is None else gv.dtype)
         ctx.spec = spec
         # the residual term's input is the value operand itself (saved once, as v)
         ctx.residual_is_v = residual is v
@@ -107,8 +131,8 @@ class ChunkDiagFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dht):
         (q, k, v, gate, raw_gate, vgate, scores, h0, cu_seqlens, o, residual, residual_scale,
-         key_scale) = ctx.saved_tensors
-        nothing = (None,) * 16
+         key_scale, mapped_key_scale, *scalar_inputs) = ctx.saved_tensors
+        nothing = (None,) * (16 + len(scalar_inputs))
         if do is None and dht is None:
             return nothing
         if do is None:
@@ -118,14 +142,17 @@ class ChunkDiagFunction(torch.autograd.Function):
         # reads do, and adds residual's to dv where the residual is v (mamba2's D * x)
         if ctx.residual_is_v:
             residual = v
-        saved = module.Saved(gate, vgate, scores, ctx.saved_chunk_size, *ctx.gate_dtypes)
+        saved = module.Saved(gate, vgate, scores, ctx.saved_chunk_size, *ctx.gate_dtypes, mapped_key_scale)
         # the cumulated gates stand in for the raw ones, whose shapes they have, except where a
-        # gate map's derivative reads the raw input
-        g = gate if raw_gate is None else raw_gate
+        # gate map's derivative reads the raw input, and a scalar map's raw tensors
+        g = scalar_inputs if ctx.spec.scalar_map is not None else gate if raw_gate is None else raw_gate
         grads = module.backward(q, k, v, g, vgate, h0, cu_seqlens, do, dht, o=o, scale=ctx.scale,
                                 residual=residual, residual_scale=residual_scale, key_scale=key_scale,
                                 saved=saved, key_into_gate=ctx.key_into_gate, **ctx.options.as_kwargs())
         g_dtype, gv_dtype = ctx.gate_dtypes
+        d_scalar_inputs = ()
+        if ctx.spec.scalar_map is not None:  # the raw tensors' gradients, in their dtypes already
+            d_scalar_inputs, grads = grads[3], (*grads[:3], None, *grads[4:])
         dq, dk, dv, dg, dgv, dh0, d_residual, d_residual_scale, d_key_scale = (
             None if grad is None else grad.to(dtype)
             for grad, dtype in zip(grads, (q.dtype, k.dtype, v.dtype, g_dtype, gv_dtype,
@@ -133,7 +160,7 @@ class ChunkDiagFunction(torch.autograd.Function):
                                              for t in (h0, residual, residual_scale, key_scale))))
         )
         return (dq, dk, dv, dg, dgv, dh0, None, None, None, None, None, None, d_residual, d_residual_scale,
-                d_key_scale, None)
+                d_key_scale, None, *d_scalar_inputs)
 
 
 def chunk_diag(q, k, v, g=None, gv=None, h0=None, cu_seqlens=None, *, exclusive: bool,
@@ -142,7 +169,8 @@ def chunk_diag(q, k, v, g=None, gv=None, h0=None, cu_seqlens=None, *, exclusive:
                config: dict | None = None, scale: float = 1.0, out_dtype: torch.dtype | None = None,
                residual: torch.Tensor | None = None, residual_scale=None,
                key_scale: torch.Tensor | None = None, gate_map: InputMap | None = None,
-               query_map: InputMap | None = None, key_map: InputMap | None = None):
+               query_map: InputMap | None = None, key_map: InputMap | None = None,
+               scalar_map: ScalarMap | None = None, scalar_inputs: tuple = ()):
     """(o, ht) of S_t = diag(exp(g_t)) S_{t-1} diag(exp(gv_t)) + k_t v_t^T, o_t = q_t^T S_t
     (o_t = q_t^T S_{t-1} when `exclusive`).
 
@@ -176,9 +204,24 @@ def chunk_diag(q, k, v, g=None, gv=None, h0=None, cu_seqlens=None, *, exclusive:
     is stored; dq (dk) is the gradient of x. Not with a V-side gate (gv), and key_map not
     with key_scale. Where k and g are one tensor with a key map and a gate map (hgrn2's
     key 1 - sigmoid(f) and log gate logsigmoid(f)), the backward adds the key's gradient
-    into the gate's in its gate-gradient kernel: no pass adds the two."""
+    into the gate's in its gate-gradient kernel: no pass adds the two.
+    scalar_map, scalar_inputs: None and (), or a ScalarMap and its raw tensors in its order
+    (scalar_map.code.tokens, each [B, T, H], then .heads, each H values in any shape, any
+    float dtype): the scalar log gate (g, which is then None) and, where the map has one,
+    the keys' per-token factor (key_scale, then None) are computed from them by the
+    kernels; gradients flow to the raw tensors."""
     check_backend(backend, input_precision)
-    spec = kernel_spec(q, g, gv, exclusive, name, gate_map, query_map, key_map)
+    spec = kernel_spec(q, g, gv, exclusive, name, gate_map, query_map, key_map, scalar_map)
+    scalar_inputs = tuple(scalar_inputs)
+    if scalar_map is None and scalar_inputs:
+        raise ValueError("scalar_inputs are taken only with a scalar_map")
+    if scalar_map is not None:
+        code = scalar_map.code
+        if len(scalar_inputs) != len(code.names):
+            raise ValueError(f"scalar_inputs: expected {len(code.names)} tensors ({', '.join(code.names)}), "
+                             f"got {len(scalar_inputs)}")
+        if code.key_scale and key_scale is not None:
+            raise ValueError("key_scale: the scalar map computes the keys' factor; pass None")
     if key_map is not None and key_scale is not None:
         raise ValueError("key_map and key_scale together are not supported: fold the factor into the map "
                          "or compute the keys before the call")
@@ -186,6 +229,13 @@ def chunk_diag(q, k, v, g=None, gv=None, h0=None, cu_seqlens=None, *, exclusive:
         residual_scale = _residual_scale(residual_scale, v, per_head=backend == "triton")
         residual = residual.to(q.dtype)
     if backend == "torch":
+        if scalar_map is not None:
+            H = q.shape[2]
+            tokens = len(scalar_map.code.tokens)
+            g, mapped_scale = scalar_map.torch(*(x.float() if i < tokens else x.float().reshape(H)
+                                                 for i, x in enumerate(scalar_inputs)))
+            g = g.expand(q.shape[:3])  # (a gate of weights alone is one value per head)
+            key_scale = mapped_scale if mapped_scale is not None else key_scale
         if key_scale is not None:
             k = (k.float() * key_scale.float()[..., None]).to(k.dtype)
         if gate_map is not None:
@@ -202,9 +252,11 @@ def chunk_diag(q, k, v, g=None, gv=None, h0=None, cu_seqlens=None, *, exclusive:
     options = LaunchOptions.for_call(q.device, chunk_size=chunk_size, input_precision=input_precision,
                                      poison=poison, config=config)
     keep = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k, v, g, gv, h0, residual, residual_scale, key_scale))
+        t is not None and t.requires_grad
+        for t in (q, k, v, g, gv, h0, residual, residual_scale, key_scale, *scalar_inputs))
     return ChunkDiagFunction.apply(q, k, v, g, gv, h0, cu_seqlens, spec, output_final_state, options,
-                                   float(scale), out_dtype, residual, residual_scale, key_scale, keep)
+                                   float(scale), out_dtype, residual, residual_scale, key_scale, keep,
+                                   *scalar_inputs)
 
 
 def _residual_scale(scale, v: torch.Tensor, *, per_head: bool = False) -> torch.Tensor:

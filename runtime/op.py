@@ -1,6 +1,7 @@
 """The compiled-op object handed back to users."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import types
@@ -224,7 +225,6 @@ class CompiledOp:
         return self._reference_step(bound, states, inplace, state_indices)
 
     def _reference_step(self, bound, states, inplace, state_indices):
-        import dataclasses
 
         import torch
 
@@ -291,7 +291,7 @@ class CompiledOp:
             for call, kernel in self.chunk_kernels():
                 render = chunk_delta.render if call.kind == "delta" else chunk_diag.render
                 files[f"{kernel.name}_kernels.py"] = render(kernel)
-                kernels[call.kind][f"{kernel.name}_kernels.py"] = kernel.__dict__
+                kernels[call.kind][f"{kernel.name}_kernels.py"] = dataclasses.asdict(kernel)
             manifest["kernels"] = kernels
         files["manifest.json"] = json.dumps(manifest, indent=2, sort_keys=True)
         return files
@@ -313,17 +313,17 @@ class CompiledOp:
                 for role, f in (("gate", call.gate_map()), ("query", call.query_map()), ("key", call.key_map())):
                     if f is not None:
                         mapped.update({f"{role}_map": f[0], f"{role}_map_grad": f[1]})
+                scalar_map = call.scalar_map(self.analysis)
                 kernel = chunk_diag.DiagKernelSpec(name=name, gate=call.gate,
                                                    vgate=call.log_gate_v is not None,
-                                                   exclusive=call.exclusive, **mapped)
+                                                   exclusive=call.exclusive,
+                                                   scalar_map=scalar_map and scalar_map[0], **mapped)
             kernels.append((call, kernel))
         return kernels
 
     @property
     def canonical_text(self) -> str:
         """The spec as canonical text without its comments: what the cache key hashes."""
-        import dataclasses
-
         return pretty(dataclasses.replace(self.spec, doc=""))
 
     def cache_key_parts(self, device) -> dict[str, str]:
@@ -381,9 +381,12 @@ def register_kernels(kind: str, fields: dict, module) -> None:
 
         MODULES.register(DeltaKernelSpec(**fields), module)
     else:
-        from ..codegen.chunk_diag import DiagKernelSpec
+        from ..codegen.chunk_diag import DiagKernelSpec, ScalarMapCode
         from .chunk_diag_op import MODULES
 
+        if fields.get("scalar_map") is not None:  # (JSON made its tuples lists)
+            fields = {**fields, "scalar_map": ScalarMapCode(**{
+                k: tuple(v) if isinstance(v, list) else v for k, v in fields["scalar_map"].items()})}
         MODULES.register(DiagKernelSpec(**fields), module)
 
 

@@ -299,20 +299,21 @@ def test_aot_reports_what_the_gpu_compiler_rejects(tmp_path):
     assert legal.startswith("16 True"), legal
 
 
-def test_mamba2_forward_at_the_benchmark_shape_is_three_launches():
+def test_mamba2_forward_at_the_benchmark_shape_is_two_launches():
     """With many sequences x heads (16 x 16 at the benchmark shape: 1024 programs for an
     H100's 132 SMs) the forward runs in one pass, and D * x is added by that kernel: the
-    prologue, the gate's cumsum and chunk_fused_fwd, with no epilogue pass."""
+    gate's cumsum (which computes the log gate and delta from dt and the weights) and
+    chunk_fused_fwd, with no prologue or epilogue pass."""
     op = attnc.load("mamba2")
     trace = record(op, B=16, T=128, H=16, dims={"K": 128, "V": 128}, dtype=torch.bfloat16, step=False)
-    assert [k.name for k in trace.launches("forward")] == [
-        "mamba2_prologue_fwd", "mamba2_S_gate_cumsum", "mamba2_S_chunk_fused_fwd"]
+    assert [k.name for k in trace.launches("forward")] == ["mamba2_S_gate_cumsum", "mamba2_S_chunk_fused_fwd"]
     (fused,) = [k for k in trace.launches("forward") if k.name == "mamba2_S_chunk_fused_fwd"]
     assert fused.arguments["HAS_RESIDUAL"] and fused.arguments["o"].dtype == torch.bfloat16
     assert fused.options["num_stages"] >= 1
-    # k = B * delta: the kernel reads B and multiplies by delta, so the prologue writes no
-    # [B, T, H, K] tensor, only per-token scalars (the log gate and delta)
+    # k = B * delta: the kernel reads B and multiplies by delta, so no pass writes a
+    # [B, T, H, K] tensor; the cumsum kernel writes per-token scalars (the cumulated log
+    # gate and delta) from dt and the per-head weights
     assert fused.arguments["HAS_KEY_SCALE"] and fused.arguments["key_scale"].shape == (16, 128, 16)
-    (prologue,) = [k for k in trace.launches("forward") if k.name == "mamba2_prologue_fwd"]
-    written = [a for name, a in prologue.arguments.items() if name.startswith("p_out_")]
-    assert written and all(a.shape[-1] == 1 for a in written), written
+    (cumsum,) = [k for k in trace.launches("forward") if k.name == "mamba2_S_gate_cumsum"]
+    assert cumsum.arguments["raw_dt"].shape == (16, 128, 16) and cumsum.arguments["raw_A_log"].shape == (16,)
+    assert cumsum.arguments["cumulated"].shape == cumsum.arguments["key_scale"].shape == (16, 128, 16)

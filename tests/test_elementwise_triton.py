@@ -188,18 +188,18 @@ def test_gqa_heads_and_strided_tensors(name, layout):
 
 def test_plan_runs_the_fused_parts_on_triton():
     """The fused modules ride in the op's sources beside the plan, are named after the
-    spec, and the plan picks them by backend. (mamba2: its prologue computes the log gate
-    and the key scale from dt and three weights, so it has a backward kernel too.)"""
-    op = attnc.load("mamba2")
+    spec, and the plan picks them by backend. (kda: its prologue computes l2norm(q) * scale
+    and l2norm(k) beside a per-channel gate, so it has a backward kernel too.)"""
+    op = attnc.load("kda")
     files = op.sources()
-    assert {"mamba2_prologue.py", "mamba2_epilogue.py"} <= set(files)
-    assert "def mamba2_prologue_fwd(" in files["mamba2_prologue.py"]
-    assert "def mamba2_prologue_bwd(" in files["mamba2_prologue.py"]
+    assert {"kda_prologue.py", "kda_epilogue.py"} <= set(files)
+    assert "def kda_prologue_fwd(" in files["kda_prologue.py"]
+    assert "def kda_prologue_bwd(" in files["kda_prologue.py"]
     plan = op.plan_module()
     assert plan.elementwise("torch") == (plan.Prologue, plan.Epilogue)
     fused = plan.elementwise("triton")
-    assert [f.__module__.split("_")[2:4] for f in fused] == [["mamba2", "prologue"], ["mamba2", "epilogue"]]
-    assert emit_elementwise(plan_chunks(op.analysis)).keys() == {"mamba2_prologue", "mamba2_epilogue"}
+    assert [f.__module__.split("_")[2:4] for f in fused] == [["kda", "prologue"], ["kda", "epilogue"]]
+    assert emit_elementwise(plan_chunks(op.analysis)).keys() == {"kda_prologue", "kda_epilogue"}
 
 
 @pytest.mark.parametrize("name, runs_epilogue", [("mamba2", False), ("gla", False), ("deltanet", False),
@@ -225,7 +225,7 @@ def test_plan_runs_no_epilogue_where_the_outputs_are_readouts(name, runs_epilogu
 
 @pytest.mark.parametrize("name, computed", [
     ("deltanet", None), ("gla", None), ("retnet", None),   # q, k, v (beta, log_gamma) as given
-    ("mamba2", ["S_log_gate", "S_key_scale"]),              # C, B, x as given
+    ("mamba2", None),          # C, B, x as given; the log gate and delta by the chunk kernels
     ("kda", ["S_query", "S_key"]),                          # l2norm(q), l2norm(k); v, beta, g as given
 ])
 def test_operands_that_are_inputs_skip_the_prologue(name, computed, monkeypatch):

@@ -93,7 +93,7 @@ def _op(name):
 
 @pytest.mark.parametrize("name, query, key, scale, computed", [
     ("linear_attn", "q", "k", "scale", []),
-    ("gated", "q", "k", "scale", ["S_log_gate"]),  # logsigmoid(g): a scalar gate's cumsum reads it
+    ("gated", "q", "k", "scale", []),   # logsigmoid(g): the cumsum kernel's (tests/test_scalar_maps.py)
     ("exclusive", "q", None, "1", []),
     ("hgrn2", None, "f", "1", []),      # key 1 - sigmoid(f), beside the gate logsigmoid(f)
     ("channel", "q", "k", "1", []),

@@ -141,3 +141,16 @@ def test_feature_maps_beside_per_channel_gates(name, config):
     op = attnc.compile(SPECS[name]) if name in SPECS else attnc.load(name)
     result = verify(op, B=2, T=1000, H=4, K=128, V=128, dtype=torch.bfloat16, device="cuda", config=config)
     assert result.ok, result.errors
+
+
+# Scalar gates computed by the chunk kernels from raw per-token scalars and per-head weights
+# (compiled: the weights' gradients summed per program, then over programs), with varlen
+# batches and heads broadcast: mamba2, and a spec with two per-token inputs and a readout of
+# the previous state
+@pytest.mark.parametrize("name", ["mamba2", "exclusive"])
+def test_scalar_maps_with_varlen(name):
+    from test_scalar_maps import SPECS
+
+    op = attnc.compile(SPECS[name]) if name in SPECS else attnc.load(name)
+    result = verify(op, H=4, K=128, V=128, seqlens=[700, 3, 1300], device="cuda", dtype=torch.bfloat16)
+    assert result.ok, result.errors

@@ -250,7 +250,11 @@ def test_a_per_token_factor_of_the_key_goes_to_the_kernels():
     calls = {c.state: c for c in plan_chunks(op.analysis).calls}
     assert (str(calls["S"].key), str(calls["S"].key_scale)) == ("k", "w*sigmoid(b)")
     assert calls["R"].key_scale is None and str(calls["R"].key) == "k*w"
-    assert "key_scale=per_token(ops[\"S_key_scale\"], shape)" in op.plan_source()
+    # S's key factor is made of scalar inputs and a weight, like its log gate: the call passes
+    # b, g and w, and the kernels compute both (tests/test_scalar_maps.py)
+    assert calls["S"].scalar_inputs == ("b", "g", "w")
+    source = op.plan_source()
+    assert "scalar_map=KEY_FACTORS_S_0_SCALAR_MAP" in source and "key_scale=per_token" not in source
     for backend in ("torch", "triton"):
         result = verify(op, backend=backend, T=70, K=16, V=32, H=2)
         assert result.ok, (backend, result.errors)
