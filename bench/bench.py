@@ -101,6 +101,15 @@ def _host_ms(fn) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def _clear_grads(leaves: dict) -> None:
+    """Drop the leaves' .grad before a timed forward + backward, as a training step's
+    zero_grad(set_to_none=True) does: else every call after the first adds its gradients
+    into the last call's, one elementwise add per leaf that neither attnc nor fla runs in
+    training (8 adds, 0.53 ms of mamba2's 3.98 ms on 2026-11-23, which timed them)."""
+    for t in leaves.values():
+        t.grad = None
+
+
 def _sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -194,6 +203,7 @@ def bench_variant(spec_name, B, T, H, D, dtype, device, bandwidth):
     do = torch.randn_like(out)
 
     def fwd_bwd():
+        _clear_grads(grads)
         o, _ = op(**grads)
         o.backward(do)
     row["attnc fwd+bwd ms"] = _median_ms(fwd_bwd)
@@ -215,6 +225,7 @@ def bench_variant(spec_name, B, T, H, D, dtype, device, bandwidth):
             fla_bwd = _fla_call(FLA_TWINS[spec_name], fla_grads, spec_name)
 
             def fla_fwd_bwd():
+                _clear_grads(fla_grads)
                 o = fla_bwd()[0]
                 o.backward(do.to(o.dtype))
             row["fla fwd+bwd ms"] = _median_ms(fla_fwd_bwd)

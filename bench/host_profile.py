@@ -76,6 +76,8 @@ def measure(spec: str, B: int, T: int, H: int, D: int, calls: int, backward: boo
                             requires_grad=backward)
 
     def call():
+        for t in args.values():  # as a training step's zero_grad: no adds into the last call's grads
+            t.grad = None
         out, _ = op(**args, backend="triton")
         if backward:
             outs = out if isinstance(out, tuple) else (out,)

@@ -113,6 +113,8 @@ def measure(spec, B, T, H, D, config, calls) -> list[str]:
         op(**args, config=config)
 
     def forward_backward():
+        for t in grads.values():  # as a training step's zero_grad: no adds into the last call's
+            t.grad = None
         o, _ = op(**grads, config=config)
         o.backward(do)
 

@@ -305,6 +305,8 @@ def host_times(op, *, B: int = 1, T: int = 64, H: int = 2, dims: dict[str, int] 
         op(**args, backend="triton")
 
     def forward_backward():
+        for t in grads.values():  # as a training step's zero_grad: no adds into the last call's grads
+            t.grad = None
         outputs, _ = op(**grads, backend="triton")
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
         torch.autograd.backward(outputs, [torch.ones_like(o) for o in outputs])
