@@ -218,6 +218,7 @@ def emit_plan(plan: ChunkPlan, version: str) -> str:
                               if call.takes_initial else "None"),
         }
         call_fields = {**call.__dict__, "readout": call.readout and _py_name(call.readout),
+                       "kernels_check_decays": call.kernels_check_decays,
                        "scale": _scale_code(call.scale),
                        "out_dtype": "dtype" if call.direct else "None",
                        "residual": _residual_code(call),

@@ -85,6 +85,13 @@ class ChunkCall:
     # (`scalar_map`), so no pass writes either or reads their gradients. None otherwise.
     scalar_inputs: tuple[str, ...] | None = None
 
+    @property
+    def kernels_check_decays(self) -> bool:
+        """Whether the call's cumsum kernel can check its K-side log gate <= 0 as it loads it
+        (a DecayCheck, runtime/kernels.py): a scalar gate, or any delta-rule gate. A diagonal
+        per-channel gate is cumulated inside the scores kernel, which does not check."""
+        return self.log_gate is not None and (self.kind == "delta" or self.gate == "scalar")
+
     def kernel_name(self, spec_name: str, n_calls: int) -> str:
         """Generated kernels are named after the spec and the state they compute."""
         return f"{spec_name}_{self.state}" + (f"_{self.index}" if n_calls > 1 else "")

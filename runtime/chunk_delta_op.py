@@ -12,7 +12,7 @@ import torch
 
 from ..codegen.chunk_delta import DeltaKernelSpec, chunk_delta_torch, render
 from ..codegen.reference import L2NORM_EPS
-from .kernels import KernelModules, LaunchOptions, check_backend, gate_kind
+from .kernels import KernelModules, LaunchOptions, check_backend, checked_decays, gate_kind
 
 # rendered and imported modules, one per DeltaKernelSpec; one file per structure (the
 # same name with another gate is another module)
@@ -31,12 +31,12 @@ class ChunkDeltaFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, beta, g, h0, cu_seqlens, spec, output_final_state, options, scale,
-                out_dtype, l2norm_q, l2norm_k):
+                out_dtype, l2norm_q, l2norm_k, decay_check):
         module = ChunkDeltaFunction.module_for(spec)
         # 1 / ||k|| and 1 / ||q|| come from the forward's first kernels that read k and q
         o, ht, saved = module.forward(q, k, v, beta, g, h0, cu_seqlens, output_final_state,
                                       scale=scale, out_dtype=out_dtype, l2norm_q=l2norm_q, l2norm_k=l2norm_k,
-                                      keep=True, **options.as_kwargs())
+                                      keep=True, decay_check=decay_check, **options.as_kwargs())
         q_norm, k_norm = saved.q_norm, saved.k_norm
         # (the cumulated gate stands in for the raw one, of which the backward needs only
         # the shape and dtype)
@@ -53,7 +53,7 @@ class ChunkDeltaFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dht):
         q, k, v, beta, gate, kk_scores, qk_scores, inverse, h0, cu_seqlens, q_norm, k_norm = ctx.saved_tensors
-        nothing = (None,) * 14
+        nothing = (None,) * 15
         if do is None and dht is None:
             return nothing
         if do is None:
@@ -67,14 +67,15 @@ class ChunkDeltaFunction(torch.autograd.Function):
             for grad, dtype in zip(grads, (q.dtype, k.dtype, v.dtype, beta.dtype, ctx.g_dtype,
                                            None if h0 is None else h0.dtype))
         )
-        return dq, dk, dv, dbeta, dg, dh0, None, None, None, None, None, None, None, None
+        return dq, dk, dv, dbeta, dg, dh0, None, None, None, None, None, None, None, None, None
 
 
 def chunk_delta(q, k, v, beta, g=None, h0=None, cu_seqlens=None, *, output_final_state: bool,
                 chunk_size: int = 64, backend: str = "triton", name: str = "delta",
                 input_precision: str = "tf32", poison: bool | None = None,
                 config: dict | None = None, scale: float = 1.0,
-                out_dtype: torch.dtype | None = None, l2norm_q: bool = False, l2norm_k: bool = False):
+                out_dtype: torch.dtype | None = None, l2norm_q: bool = False, l2norm_k: bool = False,
+                decay_check=None):
     """(o, ht) of S_t = (I - beta_t k_t k_t^T) D_t S_{t-1} + beta_t k_t v_t^T, o_t = q_t^T S_t.
 
     q, k: [B, T, H, K]; v: [B, T, H, V] (fp32, fp16 or bf16; scale folded into q, keys
@@ -95,21 +96,27 @@ def chunk_delta(q, k, v, beta, g=None, h0=None, cu_seqlens=None, *, output_final
     (default: ATTNC_POISON).
     config: tuned launch values overriding the kernels' defaults (keys: the rendered module's
     TUNABLE, e.g. num_warps, block_k; runtime/autotune.py), forward and backward alike;
-    the "torch" backend ignores it."""
+    the "torch" backend ignores it.
+    decay_check: None, or a DecayCheck (runtime/kernels.py) of g: the kernel that
+    cumulates g checks that every log gate is <= 0 and the check asserts it (DecayError,
+    on a GPU a device-side assert with its message)."""
     check_backend(backend, input_precision)
     spec = DeltaKernelSpec(name=name, gate=gate_kind(q, g))
+    if decay_check is not None and g is None:
+        raise ValueError("decay_check: this call has no log gate (g) to check")
     if backend == "torch" or spec.gate == "channel":
         # (the kernels of a per-channel gate take normalised inputs)
         q = _l2norm(q) if l2norm_q else q
         k = _l2norm(k) if l2norm_k else k
         l2norm_q = l2norm_k = False
     if backend == "torch":
+        checked_decays(decay_check, g)
         o, ht = chunk_delta_torch(q, k, v, beta, g, h0, cu_seqlens, output_final_state, chunk_size)
         return (o * scale).to(out_dtype or torch.float32), ht
     options = LaunchOptions.for_call(q.device, chunk_size=chunk_size, input_precision=input_precision,
                                      poison=poison, config=config)
     return ChunkDeltaFunction.apply(q, k, v, beta, g, h0, cu_seqlens, spec, output_final_state, options,
-                                    float(scale), out_dtype, bool(l2norm_q), bool(l2norm_k))
+                                    float(scale), out_dtype, bool(l2norm_q), bool(l2norm_k), decay_check)
 
 
 def _l2norm(x):

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from ..codegen.chunk_diag import DiagKernelSpec, ScalarMapCode, chunk_diag_torch, render
-from .kernels import KernelModules, LaunchOptions, check_backend, gate_kind
+from .kernels import KernelModules, LaunchOptions, check_backend, checked_decays, gate_kind
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ class ChunkDiagFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, gv, h0, cu_seqlens, spec, output_final_state, options, scale,
-                out_dtype, residual, residual_scale, key_scale, keep, *scalar_inputs):
+                out_dtype, residual, residual_scale, key_scale, keep, decay_check, *scalar_inputs):
         module = ChunkDiagFunction.module_for(spec)
         if spec.scalar_map is not None:
             g = scalar_inputs  # the module computes the log gate from them
@@ -100,11 +100,11 @@ class ChunkDiagFunction(torch.autograd.Function):
             # to keep, and the kernels skip what only the backward would read
             return module.forward(q, k, v, g, gv, h0, cu_seqlens, output_final_state, scale=scale,
                                   out_dtype=out_dtype, residual=residual, residual_scale=residual_scale,
-                                  key_scale=key_scale, **options.as_kwargs())
+                                  key_scale=key_scale, decay_check=decay_check, **options.as_kwargs())
         o, ht, saved = module.forward(q, k, v, g, gv, h0, cu_seqlens, output_final_state,
                                       scale=scale, out_dtype=out_dtype, residual=residual,
                                       residual_scale=residual_scale, key_scale=key_scale, keep=True,
-                                      **options.as_kwargs())
+                                      decay_check=decay_check, **options.as_kwargs())
         # The backward reuses the forward's cumulated gates (kept instead of the raw gates,
         # whose shapes and dtypes are all it needs of them, unless a gate map's derivative
         # reads the raw input) and, with a per-channel gate, its intra-chunk scores. o is an
@@ -132,7 +132,7 @@ class ChunkDiagFunction(torch.autograd.Function):
     def backward(ctx, do, dht):
         (q, k, v, gate, raw_gate, vgate, scores, h0, cu_seqlens, o, residual, residual_scale,
          key_scale, mapped_key_scale, *scalar_inputs) = ctx.saved_tensors
-        nothing = (None,) * (16 + len(scalar_inputs))
+        nothing = (None,) * (17 + len(scalar_inputs))
         if do is None and dht is None:
             return nothing
         if do is None:
@@ -160,7 +160,7 @@ class ChunkDiagFunction(torch.autograd.Function):
                                              for t in (h0, residual, residual_scale, key_scale))))
         )
         return (dq, dk, dv, dg, dgv, dh0, None, None, None, None, None, None, d_residual, d_residual_scale,
-                d_key_scale, None, *d_scalar_inputs)
+                d_key_scale, None, None, *d_scalar_inputs)
 
 
 def chunk_diag(q, k, v, g=None, gv=None, h0=None, cu_seqlens=None, *, exclusive: bool,
@@ -170,7 +170,7 @@ def chunk_diag(q, k, v, g=None, gv=None, h0=None, cu_seqlens=None, *, exclusive:
                residual: torch.Tensor | None = None, residual_scale=None,
                key_scale: torch.Tensor | None = None, gate_map: InputMap | None = None,
                query_map: InputMap | None = None, key_map: InputMap | None = None,
-               scalar_map: ScalarMap | None = None, scalar_inputs: tuple = ()):
+               scalar_map: ScalarMap | None = None, scalar_inputs: tuple = (), decay_check=None):
     """(o, ht) of S_t = diag(exp(g_t)) S_{t-1} diag(exp(gv_t)) + k_t v_t^T, o_t = q_t^T S_t
     (o_t = q_t^T S_{t-1} when `exclusive`).
 
@@ -209,7 +209,10 @@ def chunk_diag(q, k, v, g=None, gv=None, h0=None, cu_seqlens=None, *, exclusive:
     (scalar_map.code.tokens, each [B, T, H], then .heads, each H values in any shape, any
     float dtype): the scalar log gate (g, which is then None) and, where the map has one,
     the keys' per-token factor (key_scale, then None) are computed from them by the
-    kernels; gradients flow to the raw tensors."""
+    kernels; gradients flow to the raw tensors.
+    decay_check: None, or a DecayCheck (runtime/kernels.py) of a scalar K-side gate: its
+    cumsum kernel checks that every log gate is <= 0 and the check asserts it (DecayError;
+    on a GPU a device-side assert with its message)."""
     check_backend(backend, input_precision)
     spec = kernel_spec(q, g, gv, exclusive, name, gate_map, query_map, key_map, scalar_map)
     scalar_inputs = tuple(scalar_inputs)
@@ -236,6 +239,10 @@ def chunk_diag(q, k, v, g=None, gv=None, h0=None, cu_seqlens=None, *, exclusive:
                                                  for i, x in enumerate(scalar_inputs)))
             g = g.expand(q.shape[:3])  # (a gate of weights alone is one value per head)
             key_scale = mapped_scale if mapped_scale is not None else key_scale
+        if decay_check is not None:
+            if spec.gate != "scalar":
+                raise ValueError("decay_check: only a scalar K-side gate is checked by its cumsum kernel")
+            checked_decays(decay_check, g)
         if key_scale is not None:
             k = (k.float() * key_scale.float()[..., None]).to(k.dtype)
         if gate_map is not None:
@@ -256,7 +263,7 @@ def chunk_diag(q, k, v, g=None, gv=None, h0=None, cu_seqlens=None, *, exclusive:
         for t in (q, k, v, g, gv, h0, residual, residual_scale, key_scale, *scalar_inputs))
     return ChunkDiagFunction.apply(q, k, v, g, gv, h0, cu_seqlens, spec, output_final_state, options,
                                    float(scale), out_dtype, residual, residual_scale, key_scale, keep,
-                                   *scalar_inputs)
+                                   decay_check, *scalar_inputs)
 
 
 def _residual_scale(scale, v: torch.Tensor, *, per_head: bool = False) -> torch.Tensor:

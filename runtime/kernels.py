@@ -65,6 +65,56 @@ def gate_kind(q: torch.Tensor, g: torch.Tensor | None) -> str:
                      f"gate or [B, T, H, K] = {tuple(q.shape)} for a per-channel gate")
 
 
+class DecayError(ValueError):
+    """A log gate the chunk forms need <= 0 (a decay) was found above 0, or NaN, by the
+    kernel that cumulates it (`DecayCheck`)."""
+
+
+@dataclass(frozen=True)
+class DecayCheck:
+    """A check, made by the kernel that cumulates a log gate as it loads it, that every log
+    gate is <= 0 (the chunk forms assume decaying states, CHUNKFORMS.md): the kernel clears
+    `flag` (int32 [1], 1 until then) where it finds one above 0 or NaN, and `assert_held`
+    asserts the flag after it, on a GPU asynchronously (no host sync). No pass of its own
+    over the gate, and one PyTorch op (the assert) where a reduction and a comparison ran
+    before it (runtime/op.py checks the gates no kernel cumulates that way)."""
+
+    message: str
+    flag: torch.Tensor
+
+    def assert_held(self) -> None:
+        try:
+            torch._assert_async(self.flag, self.message)
+        except RuntimeError:  # off the GPU it fails at once: the flag is ready for the next call
+            self.flag.fill_(1)
+            raise DecayError(self.message) from None
+
+
+_DECAY_FLAGS: dict[torch.device, torch.Tensor] = {}
+
+
+def decay_check(device: torch.device, message: str) -> DecayCheck:
+    """A DecayCheck on `device`'s flag (one per device: a growing gate found on a GPU ends
+    the process's CUDA context there with the message; off it the flag is set again)."""
+    check = _DECAY_CHECKS.get((device, message))
+    if check is None:  # (one per message: a call asks on every step of a training loop)
+        flag = _DECAY_FLAGS.get(device)
+        if flag is None:
+            flag = _DECAY_FLAGS[device] = torch.ones(1, dtype=torch.int32, device=device)
+        check = _DECAY_CHECKS[(device, message)] = DecayCheck(message, flag)
+    return check
+
+
+_DECAY_CHECKS: dict[tuple[torch.device, str], DecayCheck] = {}
+
+
+def checked_decays(decay_check, log_gates: torch.Tensor) -> None:
+    """The torch backend's check: `decay_check`'s message as a DecayError where a log gate
+    is above 0 or NaN (None: no check)."""
+    if decay_check is not None and not bool((log_gates <= 0).all()):
+        raise DecayError(decay_check.message)
+
+
 @dataclass(frozen=True)
 class LaunchOptions:
     """How the rendered launchers run: chunk size, tl.dot precision for fp32 operands,

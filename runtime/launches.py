@@ -24,7 +24,7 @@ from typing import Any, Iterator
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .kernels import as_on_gpu
+from .kernels import as_on_gpu, decay_check
 
 # launch options Triton takes beside a kernel's own parameters
 _LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg", "enable_fp_fusion",
@@ -250,6 +250,8 @@ def record(op, *, B: int, T: int, H: int, dims: dict[str, int], dtype=torch.bflo
     states = tuple(torch.empty(shape) for shape in state_shapes)
     trace.floor_bytes["forward"] = (sum(a.numel() * a.element_size() for a in args.values())
                                     + _output_bytes(op, B, T, H, dims, dtype))
+    # (the device's decay-check flag is made once per process, not by every call)
+    decay_check(next(iter(args.values())).device, "")
     with _recording(trace) as recorder:
         recorder.phase = "forward"
         outputs, _ = op(**args, backend="triton", config=config, chunk_size=chunk_size)

@@ -27,11 +27,12 @@ def _calls():
 
     from . import autotune
     from .binding import bind, expand_heads
-    from .kernels import on_gpu_path
+    from .kernels import DecayError, decay_check, on_gpu_path
     from .recurrent_op import step
 
     return types.SimpleNamespace(torch=torch, bind=bind, expand_heads=expand_heads,
-                                 on_gpu_path=on_gpu_path, step=step, autotune=autotune)
+                                 on_gpu_path=on_gpu_path, step=step, autotune=autotune,
+                                 decay_check=decay_check, DecayError=DecayError)
 
 
 class CompiledOp:
@@ -65,6 +66,20 @@ class CompiledOp:
         return tuple((form.name, gate, _torch_function(gate)) for form in self.analysis.states
                      for gate in (form.log_gate, form.log_gate_v)
                      if gate is not None and gate.is_nonpositive is not True)
+
+    @functools.cached_property
+    def _decays_by_checker(self) -> tuple[tuple, tuple]:
+        """The unproven decays split by who checks them on the "triton" backend: ((state,
+        message) of each K-side log gate that the state's chunk kernels check as they
+        cumulate it, ChunkCall.kernels_check_decays), and the others' entries, which a
+        PyTorch reduction checks (runtime/op.py _check_decays)."""
+        from ..codegen.plan import plan_chunks
+
+        checking = {call.state for call in plan_chunks(self.analysis).calls if call.kernels_check_decays}
+        k_gates = {form.name: form.log_gate for form in self.analysis.states}
+        in_kernels = tuple(d for d in self._unproven_decays if d[0] in checking and d[1] == k_gates[d[0]])
+        return (tuple((state, _decay_message(self.spec.name, state, gate)) for state, gate, _ in in_kernels),
+                tuple(d for d in self._unproven_decays if d not in in_kernels))
 
     @property
     def cls(self) -> str:
@@ -129,14 +144,25 @@ class CompiledOp:
         states_in = bound.initial_states or (None,) * len(self.spec.states)
         states_in = tuple(None if s is None else s.float() for s in states_in)
 
+        decay_checks = None
         if self._unproven_decays and settings().check_decays:
-            _check_decays(self.spec.name, self._unproven_decays, values)
+            if backend == "triton" and not _capturing(bound.device):
+                # the gates the chunk kernels cumulate are checked there, as they load them
+                in_kernels, in_torch = self._decays_by_checker
+                decay_checks = {state: calls.decay_check(bound.device, message) for state, message in in_kernels}
+                _check_decays(self.spec.name, in_torch, values)
+            else:
+                _check_decays(self.spec.name, self._unproven_decays, values)
         launch = self._launch_values(bound, dtype, backend, chunk_size, config)
-        outputs, states = module.forward(
-            values, states_in, shape=(bound.B, bound.T, H),
-            output_final_state=output_final_state, cu_seqlens=bound.cu_seqlens, dtype=dtype,
-            options=dict(backend=backend, input_precision=precision, **launch),
-        )
+        try:
+            outputs, states = module.forward(
+                values, states_in, shape=(bound.B, bound.T, H),
+                output_final_state=output_final_state, cu_seqlens=bound.cu_seqlens, dtype=dtype,
+                options=dict(backend=backend, input_precision=precision, **launch), decay_checks=decay_checks,
+            )
+        except calls.DecayError:  # a kernel found a growing gate (at once, off the GPU): say where
+            _check_decays(self.spec.name, self._unproven_decays, values)
+            raise
         shapes = {r.name: r.shape for r in self.analysis.readouts}
         outputs = tuple(
             (o if shapes[name] else o.squeeze(-1)).to(dtype)
@@ -407,6 +433,14 @@ def _torch_function(gate):
     except (NameError, TypeError) as err:
         log.debug("log gate %s has no torch function here: %s", gate, err)
         return (), None
+
+
+def _capturing(device) -> bool:
+    """Whether a CUDA graph is being captured on `device`'s current stream (no checks then:
+    an assert replayed from a graph would fire long after its call)."""
+    import torch
+
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _check_decays(name: str, decays, values: dict) -> None:
