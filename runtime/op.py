@@ -60,10 +60,12 @@ class CompiledOp:
 
     @functools.cached_property
     def _unproven_decays(self) -> tuple:
-        """(state, log gate, its torch function) for each decay of a chunked state that
-        sympy cannot prove <= 1 (log gate <= 0): the chunk forms assume decays
-        (CHUNKFORMS.md), so their values are checked per call."""
-        return tuple((form.name, gate, _torch_function(gate)) for form in self.analysis.states
+        """(state, log gate, a function returning its torch function) for each decay of a
+        chunked state that sympy cannot prove <= 1 (log gate <= 0): the chunk forms assume
+        decays (CHUNKFORMS.md), so their values are checked per call. The torch function is
+        made when first needed: the first lambdify of a process took 1.4 s on the 2-core
+        CPU machine, and where the kernels check the gate only an error needs it."""
+        return tuple((form.name, gate, functools.partial(_torch_function, gate)) for form in self.analysis.states
                      for gate in (form.log_gate, form.log_gate_v)
                      if gate is not None and gate.is_nonpositive is not True)
 
@@ -416,10 +418,11 @@ def register_kernels(kind: str, fields: dict, module) -> None:
         MODULES.register(DiagKernelSpec(**fields), module)
 
 
+@functools.lru_cache(maxsize=256)
 def _torch_function(gate):
     """(names, f): the log gate as a function of the named inputs, weights and params,
-    evaluated with torch (None where a function has no torch twin here). Made once per op:
-    lambdify takes ~0.4 ms."""
+    evaluated with torch (None where a function has no torch twin here). Made once per
+    gate: lambdify takes ~0.4 ms (1.4 s the first time in a process)."""
     import sympy as sp
     import torch
     import torch.nn.functional as F
@@ -446,12 +449,13 @@ def _capturing(device) -> bool:
 def _check_decays(name: str, decays, values: dict) -> None:
     """Raise if a decay the analysis could not prove <= 1 exceeds it on this call's values:
     the chunk forms assume decaying states and would return wrong values (CHUNKFORMS.md).
-    `decays`: (state, log gate, (names, function)); `values`: inputs [B, T, H, D], weights,
+    `decays`: (state, log gate, () -> (names, function)); `values`: inputs [B, T, H, D], weights,
     params by name. On a GPU the check is an asynchronous device-side assert (no host sync);
     it is left out while a CUDA graph captures."""
     import torch
 
-    for state, gate, (names, function) in decays:
+    for state, gate, torch_function in decays:
+        names, function = torch_function()
         # weights ([1, 1, H, D], which on "triton" come in their own dtype) in fp32, as the
         # kernels compute the gate; per-token inputs as they are (no copy of a large input)
         args = [a.float() if torch.is_tensor(a) and a.dtype in (torch.float16, torch.bfloat16)
@@ -467,7 +471,7 @@ def _check_decays(name: str, decays, values: dict) -> None:
             # on a GPU an asynchronous device-side assert: the host does not wait for it
             torch._assert_async(log_decay.amax() <= 0, message)
         except RuntimeError:  # raised at once on the CPU: say where
-            growing = log_decay > 0
+            growing = ~(log_decay <= 0)  # (NaN too)
             where = [int(i) for i in growing.nonzero()[0]] if growing.dim() else []
             value = float(log_decay[tuple(where)])
             raise ValueError(message.replace(": pass", f", but {gate} = {value:.4g}" + (

@@ -120,3 +120,34 @@ def test_a_growing_gate_under_padding_and_varlen_is_found_only_where_real():
     with pytest.raises(ValueError, match=r"alpha = 0\.1 at index \[0, 20, 0, 0\]"):
         op(**args, cu_seqlens=cu, backend="triton")
     assert _flag_ready()
+
+
+HALVED = """
+attention halved_gate
+  dims    K, V
+  inputs  q[K], k[K], v[V], alpha, beta
+
+  gate    a = exp(alpha / 2)
+  state   S[K, V]
+  decay   S = a * S
+  update  S = S + beta * outer(k, v - k @ S)
+  readout o = q @ S
+end
+"""
+
+
+def test_the_torch_function_of_a_kernel_checked_gate_is_made_only_for_an_error():
+    """Where the kernels check a gate, its PyTorch function (a sympy lambdify, 1.4 s the
+    first time in a process) is made only to say where a growing gate is; a NaN is named too."""
+    from attnc.runtime.op import _torch_function
+
+    op = attnc.compile(HALVED)
+    args = random_arguments(op.analysis, B=1, T=30, H=2, dims={"K": 16, "V": 16})
+    args["alpha"] = -args["alpha"].abs()
+    made = _torch_function.cache_info().currsize
+    op(**args, backend="triton")
+    assert _torch_function.cache_info().currsize == made
+    args["alpha"][0, 11, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"alpha/2 = nan at index \[0, 11, 0, 0\]"):
+        op(**args, backend="triton")
+    assert _torch_function.cache_info().currsize == made + 1
