@@ -591,7 +591,7 @@ def test_inverse_norms_are_checked():
         channel.forward(q, k, v, beta, g, h0, cu, False, q_norm=torch.ones(1, 20, 2))
 
 
-@pytest.mark.parametrize("case", [Case("channel", T=100, K=32, V=16), Case("channel", T=104, H=1, seqlens=(1, 80, 23)),
+@pytest.mark.parametrize("case", [Case("channel", T=100, K=32, V=16, H=1), Case("channel", T=104, H=1, seqlens=(1, 80, 23)),
                                   Case("scalar", T=100, K=16, V=32), Case("none", T=40, K=16, V=16)], ids=str)
 def test_backward_reuses_the_forwards_cumulated_gate_and_scores(case, record_launches):
     """forward(keep=True) hands the backward its cumulated gate, each chunk's inverse and
