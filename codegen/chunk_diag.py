@@ -56,7 +56,6 @@ class ScalarMapCode:
             raise ValueError("ScalarMapCode: a log gate's code and one gradient per raw tensor are needed")
 
 
-
 @dataclass(frozen=True)
 class DiagKernelSpec:
     """Structure of one rendered module.

@@ -109,7 +109,6 @@ class ChunkCall:
         """As gate_map, for a key the call passes as its input (`key_input`)."""
         return None if self.key_input is None else _input_map(self.key)
 
-
     def scalar_map(self, analysis: Analysis):
         """(ScalarMapCode, PyTorch code of a lambda of the raw tensors returning (log gate, key
         factor or None)) where the call passes scalar inputs (`scalar_inputs`); else None."""

@@ -91,6 +91,7 @@ class DecayCheck:
 
 
 _DECAY_FLAGS: dict[torch.device, torch.Tensor] = {}
+_DECAY_CHECKS: dict[tuple[torch.device, str], DecayCheck] = {}
 
 
 def decay_check(device: torch.device, message: str) -> DecayCheck:
@@ -103,9 +104,6 @@ def decay_check(device: torch.device, message: str) -> DecayCheck:
             flag = _DECAY_FLAGS[device] = torch.ones(1, dtype=torch.int32, device=device)
         check = _DECAY_CHECKS[(device, message)] = DecayCheck(message, flag)
     return check
-
-
-_DECAY_CHECKS: dict[tuple[torch.device, str], DecayCheck] = {}
 
 
 def checked_decays(decay_check, log_gates: torch.Tensor) -> None:
