@@ -59,7 +59,7 @@ class ChunkCall:
     # it, so no pass writes the product. None where the key has no such factor, and with
     # per-channel gates (whose kernels do not take one).
     key_scale: sp.Expr | None = None
-    # delta, no gate or a scalar one: a query `c * l2norm(u)` / key `l2norm(u)`, u an input
+    # delta: a query `c * l2norm(u)` / key `l2norm(u)`, u an input
     # and c made of params and numbers: `query` / `key` is u, c joins `scale`, and the
     # kernels normalise u's rows as they load them, so no pass writes l2norm(u)
     l2norm_query: bool = False
@@ -272,12 +272,12 @@ def _delta_calls(start: int, analysis: Analysis, st: StateForm, reads) -> list[C
                           "the delta kernels read after the update")
     gate = _gate(st)
     key, l2norm_key = st.delta_key, False
-    if gate != "channel" and (u := _l2norm_of_input(analysis, key)) is not None:
+    if (u := _l2norm_of_input(analysis, key)) is not None:
         key, l2norm_key = u, True
     calls = []
     for i, lr in enumerate(reads):
         query, l2norm_query, scale = lr.query if lr else None, False, sp.Integer(1)
-        factored = _scaled_l2norm(analysis, query) if query is not None and gate != "channel" else None
+        factored = _scaled_l2norm(analysis, query) if query is not None else None
         if factored is not None:
             (query, scale), l2norm_query = factored, True
         calls.append(ChunkCall(

@@ -104,8 +104,7 @@ def chunk_delta(q, k, v, beta, g=None, h0=None, cu_seqlens=None, *, output_final
     spec = DeltaKernelSpec(name=name, gate=gate_kind(q, g))
     if decay_check is not None and g is None:
         raise ValueError("decay_check: this call has no log gate (g) to check")
-    if backend == "torch" or spec.gate == "channel":
-        # (the kernels of a per-channel gate take normalised inputs)
+    if backend == "torch":
         q = _l2norm(q) if l2norm_q else q
         k = _l2norm(k) if l2norm_k else k
         l2norm_q = l2norm_k = False

@@ -503,6 +503,9 @@ def _l2norm_fp64(x):
 # q and k drawn raw (not normalised) so that the kernels' own normalisation matters
 L2NORM_CASES = [Case("none", T=100, K=32, V=16), Case("scalar", T=100, K=48, V=16, chunk_size=32),
                 Case("scalar", T=104, H=1, seqlens=(80, 23, 1)), Case("channel", T=40, K=16, V=32),
+                # a per-channel gate's kernels split K (two blocks, the second masked): its
+                # backward turns the normalised inputs' gradients into the raw ones' in a pass
+                Case("channel", T=64, K=48, V=16, H=1, seqlens=(40, 23, 1), chunk_size=32),
                 Case("scalar", T=100, K=32, V=16, dtype=torch.bfloat16),
                 # wider than RAW_GRADS_MAX_K: l2norm's backward in passes of its own
                 Case("none", T=40, K=160, V=16, chunk_size=32)]
@@ -512,7 +515,7 @@ L2NORM_CASES = [Case("none", T=100, K=32, V=16), Case("scalar", T=100, K=48, V=1
 def test_kernels_normalise_q_and_k_as_they_load_them(case):
     """l2norm_q / l2norm_k: the kernels read raw q and k and normalise each row as they load
     it; values and every gradient (to the raw q and k) against the fp64 recurrence of the
-    normalised inputs, in both forward forms. (A per-channel gate's op normalises first.)"""
+    normalised inputs, in both forward forms."""
     torch.manual_seed(zlib.crc32(str(case).encode()))
     q, k, v, beta, g, h0, cu_seqlens = make_inputs(case)
     q = (3 * torch.randn(q.shape, device=q.device)).to(case.dtype)
@@ -543,19 +546,21 @@ def test_kernels_normalise_q_and_k_as_they_load_them(case):
 
 
 @pytest.mark.parametrize("case", [Case("none", T=100, K=32, V=16), Case("scalar", T=104, H=1, seqlens=(80, 23, 1)),
-                                  Case("scalar", T=70, K=80, V=16, chunk_size=32)], ids=str)
+                                  Case("scalar", T=70, K=80, V=16, chunk_size=32),
+                                  Case("channel", T=40, K=48, V=16, H=1, chunk_size=32)], ids=str)
 @pytest.mark.parametrize("fused", [0, 1])
 def test_forward_computes_the_norms_in_the_first_kernels_that_read_q_and_k(case, fused, record_launches):
     """l2norm_k / l2norm_q: 1 / ||k|| comes from wy_solve and 1 / ||q|| from the output
-    kernel (the one pass, or chunk_output_fwd: fused_forward 1 / 0), which read k and q
-    anyway, and not from passes of their own: the values inverse_norms computes (to
-    rounding: summed over K blocks), for every token (poisoned buffers), handed to the
-    backward in Saved; the op launches no inverse_norms."""
+    kernel (the one pass, or chunk_output_fwd: fused_forward 1 / 0), or both from the
+    scores kernel with a per-channel gate, which read k and q anyway, and not from passes
+    of their own: the values inverse_norms computes (to rounding: summed over K blocks),
+    for every token (poisoned buffers), handed to the backward in Saved; the op launches
+    no inverse_norms."""
     torch.manual_seed(3)
     q, k, v, beta, g, h0, cu_seqlens = make_inputs(case)
     q = 3 * torch.randn(q.shape, device=q.device)
     k = 2 * torch.randn(k.shape, device=k.device)
-    module = ChunkDeltaFunction.module_for(DeltaKernelSpec("delta", case.gate))
+    module = ChunkDeltaFunction.module_for(DeltaKernelSpec("kda" if case.gate == "channel" else "delta", case.gate))
     config = {"fused_forward": fused}
     o, _, saved = module.forward(q, k, v, beta, g, h0, cu_seqlens, False, chunk_size=case.chunk_size,
                                  poison=True, keep=True, l2norm_q=True, l2norm_k=True, config=config)
@@ -585,10 +590,10 @@ def test_inverse_norms_are_checked():
         module.forward(q, k, v, beta, g, h0, cu, False, k_norm=torch.ones(1, 20, 2, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"q_norm .* expected float32 \[B, T, H\]"):
         module.forward(q, k, v, beta, g, h0, cu, False, q_norm=torch.ones(1, 20, 3))
-    channel = ChunkDeltaFunction.module_for(DeltaKernelSpec("delta", "channel"))
+    channel = ChunkDeltaFunction.module_for(DeltaKernelSpec("kda", "channel"))
     q, k, v, beta, g, h0, cu = make_inputs(Case("channel", T=20, K=16, V=16))
-    with pytest.raises(ValueError, match="per-channel gate do not normalise"):
-        channel.forward(q, k, v, beta, g, h0, cu, False, q_norm=torch.ones(1, 20, 2))
+    with pytest.raises(ValueError, match=r"k_norm is torch.float32 \(1, 20\)"):
+        channel.forward(q, k, v, beta, g, h0, cu, False, k_norm=torch.ones(1, 20))
 
 
 @pytest.mark.parametrize("case", [Case("channel", T=100, K=32, V=16, H=1), Case("channel", T=104, H=1, seqlens=(1, 80, 23)),

@@ -42,13 +42,31 @@ attention weighted
 end
 """
 
+# KDA with feature maps its chunk kernels do not compute (l2norm of a function of an input,
+# beside a per-channel gate): a prologue with a backward kernel, as no shipped chunk spec has
+KDA_MAPPED = """
+attention kda_mapped
+  dims    K, V
+  inputs  q[K], k[K], v[V], g[K], beta
+  param   scale = K ** -0.5
+
+  feature q = l2norm(q * sigmoid(q)) * scale
+  feature k = l2norm(k * sigmoid(k))
+  gate    a = exp(g)
+  state   S[K, V]
+  decay   S = diag(a) @ S
+  update  S = S + beta * outer(k, v - k @ S)
+  readout o = q @ S
+end
+"""
+
 TOLERANCE = 1e-6
 SUMMED = 4  # gradients summed over tokens: this many times PyTorch's own fp32 error (or 1e-6)
 
 
 def _op(name):
-    return {"zoo": lambda: attnc.compile(ZOO), "weighted": lambda: attnc.compile(WEIGHTED)}.get(
-        name, lambda: attnc.load(name))()
+    return {"zoo": lambda: attnc.compile(ZOO), "weighted": lambda: attnc.compile(WEIGHTED),
+            "kda_mapped": lambda: attnc.compile(KDA_MAPPED)}.get(name, lambda: attnc.load(name))()
 
 
 def _rel(a, b):
@@ -124,7 +142,7 @@ def _check_spec(name, *, B=2, T=37, H=3, K=16, V=24, scale=1.0, weights_per_toke
                  set() if weights_per_token else weights, gen)
 
 
-@pytest.mark.parametrize("name", CHUNK_SPECS + ["zoo", "weighted"])
+@pytest.mark.parametrize("name", CHUNK_SPECS + ["zoo", "weighted", "kda_mapped"])
 def test_fused_matches_pytorch(name):
     _check_spec(name)
 
@@ -188,18 +206,19 @@ def test_gqa_heads_and_strided_tensors(name, layout):
 
 def test_plan_runs_the_fused_parts_on_triton():
     """The fused modules ride in the op's sources beside the plan, are named after the
-    spec, and the plan picks them by backend. (kda: its prologue computes l2norm(q) * scale
-    and l2norm(k) beside a per-channel gate, so it has a backward kernel too.)"""
-    op = attnc.load("kda")
+    spec, and the plan picks them by backend. (kda_mapped: its prologue computes
+    l2norm(q * sigmoid(q)) * scale and l2norm(k * sigmoid(k)), so it has a backward kernel too.)"""
+    op = _op("kda_mapped")
     files = op.sources()
-    assert {"kda_prologue.py", "kda_epilogue.py"} <= set(files)
-    assert "def kda_prologue_fwd(" in files["kda_prologue.py"]
-    assert "def kda_prologue_bwd(" in files["kda_prologue.py"]
+    assert {"kda_mapped_prologue.py", "kda_mapped_epilogue.py"} <= set(files)
+    assert "def kda_mapped_prologue_fwd(" in files["kda_mapped_prologue.py"]
+    assert "def kda_mapped_prologue_bwd(" in files["kda_mapped_prologue.py"]
     plan = op.plan_module()
     assert plan.elementwise("torch") == (plan.Prologue, plan.Epilogue)
     fused = plan.elementwise("triton")
-    assert [f.__module__.split("_")[2:4] for f in fused] == [["kda", "prologue"], ["kda", "epilogue"]]
-    assert emit_elementwise(plan_chunks(op.analysis)).keys() == {"kda_prologue", "kda_epilogue"}
+    assert [f.__module__.rsplit("_", 1)[0] for f in fused] == ["attnc_generated_kda_mapped_prologue",
+                                                                "attnc_generated_kda_mapped_epilogue"]
+    assert emit_elementwise(plan_chunks(op.analysis)).keys() == {"kda_mapped_prologue", "kda_mapped_epilogue"}
 
 
 @pytest.mark.parametrize("name, runs_epilogue", [("mamba2", False), ("gla", False), ("deltanet", False),
@@ -226,14 +245,15 @@ def test_plan_runs_no_epilogue_where_the_outputs_are_readouts(name, runs_epilogu
 @pytest.mark.parametrize("name, computed", [
     ("deltanet", None), ("gla", None), ("retnet", None),   # q, k, v (beta, log_gamma) as given
     ("mamba2", None),          # C, B, x as given; the log gate and delta by the chunk kernels
-    ("kda", ["S_query", "S_key"]),                          # l2norm(q), l2norm(k); v, beta, g as given
+    ("kda", None),             # q, k, v, g, beta as given: the chunk kernels normalise q and k
+    ("kda_mapped", ["S_query", "S_key"]),     # l2norm(q * sigmoid(q)), ...; v, beta, g as given
 ])
 def test_operands_that_are_inputs_skip_the_prologue(name, computed, monkeypatch):
     """A kernel operand that is an input as it is goes from the argument to the chunk call;
     the prologue computes only the others, and a plan with none to compute runs no
     prologue Function (one per call costs host time, forward and backward). Values and
     gradients against the recurrence."""
-    op = attnc.load(name)
+    op = _op(name)
     parts = elementwise_parts(plan_chunks(op.analysis))
     assert (parts.prologue.output_names or None) == computed
     sources = op.sources()
@@ -334,9 +354,9 @@ def test_end_to_end_on_triton(name):
 def test_fused_parts_store_streamed_tensors_in_the_stream_dtype():
     """On bf16 inputs the fused prologue stores the q, k, v operands of the chunk kernels
     in bf16 (no conversion pass before them) and the log gate and beta in fp32; the
-    epilogue stores the outputs in bf16. (kda: its kernels take normalised q and k, which
-    its prologue computes; gated_deltanet's normalise them themselves.)"""
-    op = _op("kda")
+    epilogue stores the outputs in bf16. (kda_mapped: its kernels take the normalised
+    feature maps of q and k, which its prologue computes.)"""
+    op = _op("kda_mapped")
     dims, programs = _programs(op)
     gen = torch.Generator().manual_seed(11)
     params = {p.name: 0.7 for p in op.spec.params}
@@ -361,7 +381,7 @@ def test_fused_parts_store_streamed_tensors_in_the_stream_dtype():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter check: a GPU may contract the fp32 math differently")
-@pytest.mark.parametrize("name", ["kda", "weighted"])
+@pytest.mark.parametrize("name", ["kda_mapped", "weighted"])
 def test_fused_backward_stores_gradients_in_the_inputs_dtypes(name):
     """Per-token bf16 inputs get their gradients from the fused backward in bf16, the fp32
     result rounded once (the values autograd's conversion would give, without its pass);
