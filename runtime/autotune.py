@@ -59,6 +59,10 @@ FAST_VARIANTS = (
     # heads); where it is not, this repeats the defaults (candidates are not planned for a
     # batch) and costs one timing, not a compile: its kernels are the defaults'
     {"fused_forward": 0},
+    # the diagonal family's state passes over whole sequences where they take groups of
+    # chunks by default (long sequences); where they do not, one more timing of the defaults'
+    # kernels (the delta family's launchers reject the key)
+    {"state_group": 0},
 )
 MODES = ("fast", "full")
 
@@ -184,6 +188,8 @@ def candidates(op, *, T: int, dims: Mapping[str, int], dtype, mode: str = "fast"
         plans = [(kind, make_plan(size, override)) for kind, make_plan in calls]
         if any(plan is None for _, plan in plans):
             continue  # a launcher rejects it
+        if "state_group" in override and not _groups_state_passes(calls, size, T):
+            continue  # the defaults take no groups at this length: the same launches
         resolved = tuple(_tuning_values(plan) for _, plan in plans)
         if resolved in seen:
             continue  # the same launches as a candidate already chosen
@@ -198,6 +204,16 @@ def candidates(op, *, T: int, dims: Mapping[str, int], dtype, mode: str = "fast"
 
 
 _MANY_SEQUENCES = 4096
+
+
+def _groups_state_passes(calls, chunk_size: int, T: int) -> bool:
+    """Whether a default plan of these calls takes its state passes in groups of chunks at
+    sequence length T (a sequence of at least two groups)."""
+    for _, make_plan in calls:
+        group = getattr(make_plan(chunk_size, None), "state_group", 0)
+        if group and -(-T // chunk_size) >= 2 * group:
+            return True
+    return False
 
 
 def _call_plans(op, dims: Mapping[str, int], dtype) -> list[tuple[str, Callable]]:
@@ -238,7 +254,8 @@ def _tuning_values(plan) -> tuple:
     # candidates' plans do not know: only what a config asks for tells candidates apart)
     return (plan.chunk_size, plan.num_warps, plan.num_stages, plan.block_k, plan.block_v,
             plan.state_block_v, getattr(plan, "fused_forward_asked", None),
-            getattr(plan, "fused_block_v", None), getattr(plan, "state_stages_asked", None))
+            getattr(plan, "fused_block_v", None), getattr(plan, "state_stages_asked", None),
+            getattr(plan, "state_group", None))
 
 
 # --- timing --------------------------------------------------------------------------

@@ -271,6 +271,77 @@ def test_state_passes_spread_few_sequences_over_the_gpu():
     assert plan(1, interpret=True).state_block_v == 64
 
 
+# The state passes in groups of chunks (`state_group`): each group from a zero state
+# (phase 1), then each from h0 through the groups before it (phase 2); the backward's
+# reverse pass the same way from the end. Every gate
+# structure, the last group and the last chunk partial, a per-channel gate's decayed keys
+# (the forward) and its cumulated gate (the backward's recompute), bf16.
+GROUPED_CASES = [Case("none", T=150, K=16, V=32, chunk_size=16),
+                 Case("scalar", exclusive=True, T=150, K=16, V=32, B=2, H=1, chunk_size=16),
+                 Case("channel", vgate=True, T=150, K=32, V=16, H=1, chunk_size=16),
+                 Case("none", vgate=True, T=150, K=16, V=16, H=1, h0=False, chunk_size=16),
+                 Case("scalar", T=150, K=16, V=16, H=1, chunk_size=16, dtype=torch.bfloat16)]
+
+
+@pytest.mark.parametrize("case", GROUPED_CASES, ids=str)
+def test_state_pass_in_groups_matches_the_recurrence(case, record_launches):
+    """state_group=4 over 10 chunks (groups of 4, 4 and 2): outputs, final state and every
+    gradient against the recurrence, and the forward against the ungrouped pass; each state
+    pass runs in two launches: the forward's, the backward's recompute of it and its
+    reverse pass."""
+    inputs = make_inputs(case)
+
+    def golden(q, k, v, g, gv, h0, cu_seqlens):
+        return naive_recurrence(q, k, v, g, gv, h0, cu_seqlens, case.exclusive)
+
+    def under_test(group):
+        def call(q, k, v, g, gv, h0, cu_seqlens):
+            return chunk_diag(q, k, v, g, gv, h0, cu_seqlens, exclusive=case.exclusive, output_final_state=True,
+                              chunk_size=case.chunk_size, input_precision="ieee", poison=True,
+                              config={"fused_forward": 0, "state_group": group})
+        return call
+
+    ref_o, ref_ht = golden(*[None if x is None else x.double() for x in inputs[:6]], inputs[6])
+    do, dht = torch.randn_like(ref_o), torch.randn_like(ref_ht)
+    ref_o, ref_ht, ref_grads = run_and_differentiate(golden, inputs, do, dht)
+    with record_launches() as launched:
+        o, ht, grads = run_and_differentiate(under_test(4), inputs, do, dht)
+    assert sum(name.endswith("chunk_state_fwd") for name in launched) == 4, launched
+    assert sum(name.endswith("chunk_state_bwd") for name in launched) == 2, launched
+    tolerance = BF16_TOLERANCE if case.dtype == torch.bfloat16 else FP32_TOLERANCE
+    assert rel_rms(o, ref_o) <= tolerance, f"o {rel_rms(o, ref_o):.2e}"
+    assert rel_rms(ht, ref_ht) <= tolerance, f"ht {rel_rms(ht, ref_ht):.2e}"
+    for label, grad, ref in zip(("q", "k", "v", "g", "gv", "h0"), grads, ref_grads):
+        if ref is not None:
+            assert rel_rms(grad, ref) <= tolerance, f"d{label}: {rel_rms(grad, ref):.2e}"
+    whole_o, whole_ht = under_test(0)(*inputs)
+    assert rel_rms(o, whole_o) <= (2e-3 if case.dtype == torch.bfloat16 else FP32_TOLERANCE / 10)
+    assert rel_rms(ht, whole_ht) <= FP32_TOLERANCE / 10
+
+
+def test_state_pass_groups_long_sequences_on_a_gpu():
+    """On a GPU the state pass takes groups of STATE_GROUP (64) chunks where a sequence has at
+    least twice as many (T = 32768 at chunk size 64: 8 groups), not for shorter ones, varlen
+    calls or in the interpreter; a config's state_group stands (0: none) and is checked."""
+    from attnc.runtime.chunk_diag_op import ChunkDiagFunction
+
+    module = ChunkDiagFunction.module_for(DiagKernelSpec("plan_scalar", "scalar"))
+
+    def plan(B, T, interpret=False, cu_seqlens=None, **config):
+        q = torch.empty(B, T, 16, 128, dtype=torch.bfloat16, device="meta")
+        return module._Plan(q, q, cu_seqlens, 64, interpret, "tf32", False, config or None)
+
+    assert module.STATE_GROUP == 64
+    assert plan(1, 32768).state_group_size() == 64
+    assert plan(1, 8192).state_group_size() == 64      # 128 chunks: two groups
+    assert plan(16, 2048).state_group_size() == 0      # 32 chunks
+    assert plan(1, 32768, interpret=True).state_group_size() == 0
+    assert plan(1, 32768, state_group=0).state_group_size() == 0
+    assert plan(1, 32768, interpret=True, state_group=16).state_group_size() == 16
+    with pytest.raises(ValueError, match="state_group=3: expected 0 or a power of two"):
+        plan(1, 32768, state_group=3)
+
+
 def test_forms_in_the_config_are_checked():
     case = Case("scalar", T=20)
     q, k, v, g, gv, h0, cu_seqlens = make_inputs(case)
