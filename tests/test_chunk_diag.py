@@ -279,6 +279,7 @@ def test_state_passes_spread_few_sequences_over_the_gpu():
 GROUPED_CASES = [Case("none", T=150, K=16, V=32, chunk_size=16),
                  Case("scalar", exclusive=True, T=150, K=16, V=32, B=2, H=1, chunk_size=16),
                  Case("channel", vgate=True, T=150, K=32, V=16, H=1, chunk_size=16),
+                 Case("channel", T=150, K=80, V=16, H=1, chunk_size=16),  # two K blocks, one padded
                  Case("none", vgate=True, T=150, K=16, V=16, H=1, h0=False, chunk_size=16),
                  Case("scalar", T=150, K=16, V=16, H=1, chunk_size=16, dtype=torch.bfloat16)]
 
