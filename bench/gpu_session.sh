@@ -21,10 +21,10 @@
 #                                  writes forms-1/ and forms-0/ under the results folder),
 #                                  then the delta rule's state passes unpipelined
 #                                  (state_stages=1, beside forms-1/: forms-stages-1/)
-#   bench/gpu_session.sh long [SPECS]  each kernel's time at T = 32768, B = 1 with the diagonal
-#                                  state passes in groups of 64 chunks (the default there) and
-#                                  over whole sequences (state_group=0), no tuning; default
-#                                  mamba2 gla; writes long-64/ and long-0/
+#   bench/gpu_session.sh long [SPECS]  each kernel's time at T = 32768, B = 1 with the state
+#                                  passes in groups of 64 chunks (the default there) and over
+#                                  whole sequences (state_group=0), no tuning; default the
+#                                  four benchmarked specs; writes long-64/ and long-0/
 #   bench/gpu_session.sh diag [SPECS]  each kernel's time with a per-channel gate's chunks
 #                                  taken whole where their span allows (the default; the
 #                                  benchmark's gates do), by sub-chunks with the diagonal
@@ -95,7 +95,7 @@ delta=$(printf '%s\n' "$@" | grep delta | tr '\n' ' ')
 [ -z "$delta" ] || ATTNC_AUTOTUNE=off timeout 120 python3 bench/kernel_times.py $delta --calls 10 \
     --config fused_forward=1,state_stages=1 --out "$out/forms-stages-1" 2>&1 | tee -a "$out/forms.log" ;;
 long)
-[ $# -gt 0 ] || set -- mamba2 gla
+[ $# -gt 0 ] || set -- mamba2 gla deltanet gated_deltanet
 for group in 64 0; do
     ATTNC_AUTOTUNE=off timeout 280 python3 bench/kernel_times.py "$@" --shape 1,32768,16,128 --calls 10 \
         --config state_group=$group --out "$out/long-$group" 2>&1 | tee -a "$out/long.log"

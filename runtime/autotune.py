@@ -59,9 +59,8 @@ FAST_VARIANTS = (
     # heads); where it is not, this repeats the defaults (candidates are not planned for a
     # batch) and costs one timing, not a compile: its kernels are the defaults'
     {"fused_forward": 0},
-    # the diagonal family's state passes over whole sequences where they take groups of
-    # chunks by default (long sequences); where they do not, one more timing of the defaults'
-    # kernels (the delta family's launchers reject the key)
+    # the state passes over whole sequences where they take groups of chunks by default
+    # (long sequences; offered only at such lengths)
     {"state_group": 0},
 )
 MODES = ("fast", "full")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import hashlib
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Callable, Hashable
@@ -151,7 +152,10 @@ _OPTIONS: dict[tuple, LaunchOptions] = {}
 class KernelModules:
     """Rendered kernel modules, one per kernel spec, imported from real files (which
     @triton.jit needs) under `settings().cache_dir / "modules"`, and also written to
-    ATTNC_DUMP_DIR when it is set."""
+    ATTNC_DUMP_DIR when it is set. In the cache the file name carries a digest of the
+    source: processes of two attnc versions sharing a cache never overwrite each other's
+    module (Triton's interpreter reads a kernel's source from its file when it first runs
+    it, so a file rewritten in between gave it another version's kernels)."""
 
     def __init__(self, render: Callable[[Hashable], str], file_name: Callable[[Hashable], str]):
         self._render = render
@@ -166,7 +170,8 @@ class KernelModules:
             config = settings()
             if config.dump_dir is not None:
                 load_module(source, name, config.dump_dir)
-            module = load_module(source, name, config.cache_dir / "modules")
+            digest = hashlib.sha256(source.encode()).hexdigest()[:12]
+            module = load_module(source, f"{name}_{digest}", config.cache_dir / "modules")
             self._modules[spec] = module
         return module
 

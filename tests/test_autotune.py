@@ -43,8 +43,8 @@ def test_candidates_are_valid_and_fit_shared_memory(name):
     # few sequences, which candidates are not planned for)
     assert {"chunk_size": 64, "state_block_v": 16} in fast
     # ungrouped state passes where the defaults group them: at T = 4096 only the chunk size
-    # of 32 makes the two groups of 64 chunks the defaults take (the diagonal family's only)
-    assert [c for c in fast if "state_group" in c] == ([{"chunk_size": 32, "state_group": 0}] if name == "gla" else [])
+    # of 32 makes the two groups of 64 chunks the defaults take
+    assert [c for c in fast if "state_group" in c] == [{"chunk_size": 32, "state_group": 0}]
     short = autotune.candidates(op, T=2048, dims=dims, dtype=torch.bfloat16, mode="fast")
     assert not any("state_group" in c for c in short)
     # the delta rule's state passes unpipelined: a key the diagonal family's launchers reject

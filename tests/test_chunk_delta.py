@@ -346,6 +346,78 @@ def test_state_passes_spread_few_sequences_over_the_gpu():
     assert plan(1, interpret=True).state_block_v == 32
 
 
+# chunk_state_fwd through chunk states in groups of chunks (`state_group`): each group's map
+# of the state, S -> M_g S + L_g (phase 1; M_g from programs that take the identity's
+# columns), then each group from its entering state (phase 2). Every gate, the last group
+# and the last chunk partial, a per-channel gate's decayed keys (the forward) and its
+# cumulated gate (the backward's recompute), l2-normalised inputs, bf16.
+GROUPED_CASES = [Case("none", T=75, K=32, V=16, H=1, chunk_size=16),
+                 Case("scalar", T=75, K=16, V=32, B=2, H=1, chunk_size=16),
+                 Case("channel", T=75, K=48, V=16, H=1, chunk_size=16),
+                 Case("scalar", T=75, K=16, V=16, H=1, chunk_size=16, dtype=torch.bfloat16)]
+
+
+@pytest.mark.parametrize("case", GROUPED_CASES, ids=str)
+def test_state_pass_in_groups_matches_the_recurrence(case, record_launches):
+    """state_group=2 over 5 chunks (groups of 2, 2 and 1): outputs, final state and every
+    gradient against the recurrence of the l2-normalised inputs, and the forward against
+    the ungrouped pass; chunk_state_fwd runs in two launches in the forward and in the
+    backward's recompute."""
+    torch.manual_seed(zlib.crc32(str(case).encode()))
+    q, k, v, beta, g, h0, cu_seqlens = make_inputs(case)
+    q = (3 * torch.randn(q.shape)).to(case.dtype)
+    k = (2 * torch.randn(k.shape)).to(case.dtype)
+    inputs = (q, k, v, beta, g, h0, cu_seqlens)
+
+    def reference(q, k, v, beta, g, h0, cu_seqlens):
+        return naive_recurrence(_l2norm_fp64(q), _l2norm_fp64(k), *[None if x is None else x.double()
+                                                                   for x in (v, beta, g, h0)], cu_seqlens)
+
+    def under_test(group):
+        def call(q, k, v, beta, g, h0, cu_seqlens):
+            return chunk_delta(q, k, v, beta, g, h0, cu_seqlens, output_final_state=True,
+                               chunk_size=case.chunk_size, input_precision="ieee", poison=True,
+                               config={"fused_forward": 0, "state_group": group}, l2norm_q=True, l2norm_k=True)
+        return call
+
+    ref_o, ref_ht = reference(*inputs)
+    do, dht = torch.randn_like(ref_o), torch.randn_like(ref_ht)
+    ref_o, ref_ht, ref_grads = run_and_differentiate(reference, inputs, do, dht)
+    with record_launches() as launched:
+        o, ht, grads = run_and_differentiate(under_test(2), inputs, do, dht)
+    assert sum(name.endswith("chunk_state_fwd") for name in launched) == 4, launched
+    tolerance = BF16_TOLERANCE if case.dtype == torch.bfloat16 else FP32_TOLERANCE
+    assert rel_rms(o, ref_o) <= tolerance, f"o {rel_rms(o, ref_o):.2e}"
+    assert rel_rms(ht, ref_ht) <= tolerance, f"ht {rel_rms(ht, ref_ht):.2e}"
+    for name, grad, ref in zip(("q", "k", "v", "beta", "g", "h0"), grads, ref_grads):
+        if ref is not None:
+            assert rel_rms(grad, ref) <= tolerance, f"d{name}: {rel_rms(grad, ref):.2e}"
+    whole_o, whole_ht = under_test(0)(*inputs)
+    assert rel_rms(o, whole_o) <= (2e-3 if case.dtype == torch.bfloat16 else FP32_TOLERANCE / 10)
+    assert rel_rms(ht, whole_ht) <= FP32_TOLERANCE / 10
+
+
+def test_state_pass_groups_long_sequences_on_a_gpu():
+    """On a GPU chunk_state_fwd takes groups of STATE_GROUP (64) chunks where a sequence has
+    at least twice as many (T = 32768 at chunk size 64: 8 groups), not for shorter ones,
+    varlen calls or in the interpreter; a config's state_group stands (0: none) and is
+    checked."""
+    module = ChunkDeltaFunction.module_for(DeltaKernelSpec("delta", "scalar"))
+
+    def plan(B, T, interpret=False, **config):
+        q = torch.empty(B, T, 16, 128, dtype=torch.bfloat16, device="meta")
+        return module._Plan(q, q, None, 64, interpret, "tf32", False, config or None)
+
+    assert module.STATE_GROUP == 64
+    assert plan(1, 32768).state_group_size() == 64
+    assert plan(16, 2048).state_group_size() == 0
+    assert plan(1, 32768, interpret=True).state_group_size() == 0
+    assert plan(1, 32768, state_group=0).state_group_size() == 0
+    assert plan(1, 32768, interpret=True, state_group=8).state_group_size() == 8
+    with pytest.raises(ValueError, match="state_group=6: expected 0 or a power of two"):
+        plan(1, 32768, state_group=6)
+
+
 def test_state_passes_pipeline_by_default():
     """The sequential passes that write states (chunk_state_fwd through chunk states) or their
     gradients (chunk_state_bwd) prefetch the next chunk's tiles: (2, 3) stages at K <= 128,
