@@ -346,9 +346,10 @@ def test_state_passes_spread_few_sequences_over_the_gpu():
     assert plan(1, interpret=True).state_block_v == 32
 
 
-# chunk_state_fwd through chunk states in groups of chunks (`state_group`): each group's map
-# of the state, S -> M_g S + L_g (phase 1; M_g from programs that take the identity's
-# columns), then each group from its entering state (phase 2). Every gate, the last group
+# The state passes in groups of chunks (`state_group`): each group's map of the state,
+# S -> M_g S + L_g (phase 1; M_g from programs that take the identity's columns), then each
+# group from its entering state (phase 2); the reverse pass the same way with M_g^T from
+# the end. Every gate, the last group
 # and the last chunk partial, a per-channel gate's decayed keys (the forward) and its
 # cumulated gate (the backward's recompute), l2-normalised inputs, bf16.
 GROUPED_CASES = [Case("none", T=75, K=32, V=16, H=1, chunk_size=16),
@@ -362,7 +363,7 @@ def test_state_pass_in_groups_matches_the_recurrence(case, record_launches):
     """state_group=2 over 5 chunks (groups of 2, 2 and 1): outputs, final state and every
     gradient against the recurrence of the l2-normalised inputs, and the forward against
     the ungrouped pass; chunk_state_fwd runs in two launches in the forward and in the
-    backward's recompute."""
+    backward's recompute, and so does the reverse pass, chunk_state_bwd."""
     torch.manual_seed(zlib.crc32(str(case).encode()))
     q, k, v, beta, g, h0, cu_seqlens = make_inputs(case)
     q = (3 * torch.randn(q.shape)).to(case.dtype)
@@ -386,6 +387,7 @@ def test_state_pass_in_groups_matches_the_recurrence(case, record_launches):
     with record_launches() as launched:
         o, ht, grads = run_and_differentiate(under_test(2), inputs, do, dht)
     assert sum(name.endswith("chunk_state_fwd") for name in launched) == 4, launched
+    assert sum(name.endswith("chunk_state_bwd") for name in launched) == 2, launched
     tolerance = BF16_TOLERANCE if case.dtype == torch.bfloat16 else FP32_TOLERANCE
     assert rel_rms(o, ref_o) <= tolerance, f"o {rel_rms(o, ref_o):.2e}"
     assert rel_rms(ht, ref_ht) <= tolerance, f"ht {rel_rms(ht, ref_ht):.2e}"
