@@ -284,12 +284,14 @@ GROUPED_CASES = [Case("none", T=150, K=16, V=32, chunk_size=16),
                  Case("scalar", T=150, K=16, V=16, H=1, chunk_size=16, dtype=torch.bfloat16)]
 
 
+@pytest.mark.parametrize("one_pass", [0, 1], ids=["two_pass", "one_pass"])
 @pytest.mark.parametrize("case", GROUPED_CASES, ids=str)
-def test_state_pass_in_groups_matches_the_recurrence(case, record_launches):
+def test_state_pass_in_groups_matches_the_recurrence(case, one_pass, record_launches):
     """state_group=4 over 10 chunks (groups of 4, 4 and 2): outputs, final state and every
     gradient against the recurrence, and the forward against the ungrouped pass; each state
     pass runs in two launches: the forward's, the backward's recompute of it and its
-    reverse pass."""
+    reverse pass. With the one pass (fused_forward=1) the forward's phase 2 is chunk_fused_fwd,
+    one program per group."""
     inputs = make_inputs(case)
 
     def golden(q, k, v, g, gv, h0, cu_seqlens):
@@ -299,7 +301,7 @@ def test_state_pass_in_groups_matches_the_recurrence(case, record_launches):
         def call(q, k, v, g, gv, h0, cu_seqlens):
             return chunk_diag(q, k, v, g, gv, h0, cu_seqlens, exclusive=case.exclusive, output_final_state=True,
                               chunk_size=case.chunk_size, input_precision="ieee", poison=True,
-                              config={"fused_forward": 0, "state_group": group})
+                              config={"fused_forward": one_pass, "state_group": group})
         return call
 
     ref_o, ref_ht = golden(*[None if x is None else x.double() for x in inputs[:6]], inputs[6])
@@ -307,7 +309,8 @@ def test_state_pass_in_groups_matches_the_recurrence(case, record_launches):
     ref_o, ref_ht, ref_grads = run_and_differentiate(golden, inputs, do, dht)
     with record_launches() as launched:
         o, ht, grads = run_and_differentiate(under_test(4), inputs, do, dht)
-    assert sum(name.endswith("chunk_state_fwd") for name in launched) == 4, launched
+    assert sum(name.endswith("chunk_state_fwd") for name in launched) == 4 - one_pass, launched
+    assert sum(name.endswith("chunk_fused_fwd") for name in launched) == one_pass, launched
     assert sum(name.endswith("chunk_state_bwd") for name in launched) == 2, launched
     tolerance = BF16_TOLERANCE if case.dtype == torch.bfloat16 else FP32_TOLERANCE
     assert rel_rms(o, ref_o) <= tolerance, f"o {rel_rms(o, ref_o):.2e}"
@@ -321,9 +324,10 @@ def test_state_pass_in_groups_matches_the_recurrence(case, record_launches):
 
 
 def test_state_pass_groups_long_sequences_on_a_gpu():
-    """On a GPU the state pass takes groups of STATE_GROUP (64) chunks where a sequence has at
-    least twice as many (T = 32768 at chunk size 64: 8 groups), not for shorter ones, varlen
-    calls or in the interpreter; a config's state_group stands (0: none) and is checked."""
+    """On a GPU the state passes and the one pass take groups of STATE_GROUP (64) chunks where
+    a sequence has at least twice as many (T = 32768 at chunk size 64: 8 groups), not for
+    shorter ones, varlen calls or in the interpreter; a config's state_group stands (0: none)
+    and is checked."""
     from attnc.runtime.chunk_diag_op import ChunkDiagFunction
 
     module = ChunkDiagFunction.module_for(DiagKernelSpec("plan_scalar", "scalar"))
@@ -341,6 +345,11 @@ def test_state_pass_groups_long_sequences_on_a_gpu():
     assert plan(1, 32768, interpret=True, state_group=16).state_group_size() == 16
     with pytest.raises(ValueError, match="state_group=3: expected 0 or a power of two"):
         plan(1, 32768, state_group=3)
+    # the forward in one pass where its programs, one per group, fill the GPU (16 heads x 8
+    # groups x 4 V blocks at T = 32768); over whole sequences 16 x 4 programs do not
+    assert plan(1, 32768).fused_forward == 1
+    assert plan(1, 32768, state_group=0).fused_forward == 0
+    assert plan(1, 4096).fused_forward == 0            # one group of 64 chunks: 64 programs
 
 
 def test_forms_in_the_config_are_checked():
