@@ -358,12 +358,14 @@ GROUPED_CASES = [Case("none", T=75, K=32, V=16, H=1, chunk_size=16),
                  Case("scalar", T=75, K=16, V=16, H=1, chunk_size=16, dtype=torch.bfloat16)]
 
 
+@pytest.mark.parametrize("one_pass", [0, 1], ids=["two_pass", "one_pass"])
 @pytest.mark.parametrize("case", GROUPED_CASES, ids=str)
-def test_state_pass_in_groups_matches_the_recurrence(case, record_launches):
+def test_state_pass_in_groups_matches_the_recurrence(case, one_pass, record_launches):
     """state_group=2 over 5 chunks (groups of 2, 2 and 1): outputs, final state and every
     gradient against the recurrence of the l2-normalised inputs, and the forward against
-    the ungrouped pass; chunk_state_fwd runs in two launches in the forward and in the
-    backward's recompute, and so does the reverse pass, chunk_state_bwd."""
+    the ungrouped pass; chunk_state_fwd runs in two launches in the forward (in one pass,
+    its phase 2 writes the outputs: no chunk_output_fwd) and in the backward's recompute,
+    and so does the reverse pass, chunk_state_bwd."""
     torch.manual_seed(zlib.crc32(str(case).encode()))
     q, k, v, beta, g, h0, cu_seqlens = make_inputs(case)
     q = (3 * torch.randn(q.shape)).to(case.dtype)
@@ -378,7 +380,8 @@ def test_state_pass_in_groups_matches_the_recurrence(case, record_launches):
         def call(q, k, v, beta, g, h0, cu_seqlens):
             return chunk_delta(q, k, v, beta, g, h0, cu_seqlens, output_final_state=True,
                                chunk_size=case.chunk_size, input_precision="ieee", poison=True,
-                               config={"fused_forward": 0, "state_group": group}, l2norm_q=True, l2norm_k=True)
+                               config={"fused_forward": one_pass, "state_group": group}, l2norm_q=True,
+                               l2norm_k=True)
         return call
 
     ref_o, ref_ht = reference(*inputs)
@@ -387,6 +390,7 @@ def test_state_pass_in_groups_matches_the_recurrence(case, record_launches):
     with record_launches() as launched:
         o, ht, grads = run_and_differentiate(under_test(2), inputs, do, dht)
     assert sum(name.endswith("chunk_state_fwd") for name in launched) == 4, launched
+    assert sum(name.endswith("chunk_output_fwd") for name in launched) == 1 - one_pass, launched
     assert sum(name.endswith("chunk_state_bwd") for name in launched) == 2, launched
     tolerance = BF16_TOLERANCE if case.dtype == torch.bfloat16 else FP32_TOLERANCE
     assert rel_rms(o, ref_o) <= tolerance, f"o {rel_rms(o, ref_o):.2e}"
@@ -400,7 +404,7 @@ def test_state_pass_in_groups_matches_the_recurrence(case, record_launches):
 
 
 def test_state_pass_groups_long_sequences_on_a_gpu():
-    """On a GPU chunk_state_fwd takes groups of STATE_GROUP (64) chunks where a sequence has
+    """On a GPU the state passes take groups of STATE_GROUP (64) chunks where a sequence has
     at least twice as many (T = 32768 at chunk size 64: 8 groups), not for shorter ones,
     varlen calls or in the interpreter; a config's state_group stands (0: none) and is
     checked."""
@@ -418,6 +422,11 @@ def test_state_pass_groups_long_sequences_on_a_gpu():
     assert plan(1, 32768, interpret=True, state_group=8).state_group_size() == 8
     with pytest.raises(ValueError, match="state_group=6: expected 0 or a power of two"):
         plan(1, 32768, state_group=6)
+    # groups are programs of the one pass: at T = 32768 16 heads x 8 groups x 8 V blocks (16
+    # wide, as the state passes' narrowing leaves them) fill an H100 twice; over whole
+    # sequences 16 x 8 programs are too few for the one pass
+    assert (plan(1, 32768).state_block_v, plan(1, 32768).fused_forward) == (16, 1)
+    assert (plan(1, 32768, state_group=0).state_block_v, plan(1, 32768, state_group=0).fused_forward) == (16, 0)
 
 
 def test_state_passes_pipeline_by_default():
