@@ -22,9 +22,12 @@
 #                                  then the delta rule's state passes unpipelined
 #                                  (state_stages=1, beside forms-1/: forms-stages-1/)
 #   bench/gpu_session.sh long [SPECS]  each kernel's time at T = 32768, B = 1 with the state
-#                                  passes in groups of 64 chunks (the default there) and over
-#                                  whole sequences (state_group=0), no tuning; default the
-#                                  four benchmarked specs; writes long-64/ and long-0/
+#                                  passes and the one pass in groups of 64 chunks (the default
+#                                  there) and over whole sequences (state_group=0: through
+#                                  chunk states), no tuning; default the four benchmarked
+#                                  specs; writes long-64/ and long-0/
+#   bench/gpu_session.sh long-two-pass [SPECS]  the same at T = 32768 in groups but through
+#                                  chunk states (fused_forward=0); writes long-64-two-pass/
 #   bench/gpu_session.sh diag [SPECS]  each kernel's time with a per-channel gate's chunks
 #                                  taken whole where their span allows (the default; the
 #                                  benchmark's gates do), by sub-chunks with the diagonal
@@ -41,7 +44,7 @@
 set -uo pipefail
 step=${1:-tests}
 shift || true
-case "$step" in tests|tune|bench|profile|host|compile|forms|long|diag) ;; *) echo "usage: bench/gpu_session.sh tests|tune|bench|profile|host|compile|forms|long|diag" >&2; exit 2 ;; esac
+case "$step" in tests|tune|bench|profile|host|compile|forms|long|long-two-pass|diag) ;; *) echo "usage: bench/gpu_session.sh tests|tune|bench|profile|host|compile|forms|long|long-two-pass|diag" >&2; exit 2 ;; esac
 out=${OUT:-bench/results}
 mkdir -p "$out"
 if [ -d .whl ]; then
@@ -100,6 +103,10 @@ for group in 64 0; do
     ATTNC_AUTOTUNE=off timeout 280 python3 bench/kernel_times.py "$@" --shape 1,32768,16,128 --calls 10 \
         --config state_group=$group --out "$out/long-$group" 2>&1 | tee -a "$out/long.log"
 done ;;
+long-two-pass)
+[ $# -gt 0 ] || set -- mamba2 gla deltanet gated_deltanet
+ATTNC_AUTOTUNE=off timeout 500 python3 bench/kernel_times.py "$@" --shape 1,32768,16,128 --calls 10 \
+    --config state_group=64,fused_forward=0 --out "$out/long-64-two-pass" 2>&1 | tee -a "$out/long.log" ;;
 diag)
 [ $# -gt 0 ] || set -- gla
 ATTNC_AUTOTUNE=off timeout 140 python3 bench/kernel_times.py "$@" --calls 10 --out "$out/diag-whole" 2>&1 \
