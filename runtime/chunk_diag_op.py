@@ -110,10 +110,13 @@ class ChunkDiagFunction(torch.autograd.Function):
         # reads the raw input) and, with a per-channel gate, its intra-chunk scores. o is an
         # output anyway; the V-side gate gradient needs it.
         # (with a scalar map its raw tensors, which the gate-gradient kernel reads, and the keys'
-        # factor it computed)
+        # factor it computed) A long sequence's state pass in groups of chunks: their phase 1
+        # (a state per group), which the backward's recompute of the chunk states starts from.
+        groups = saved.groups.buffers() if saved.groups is not None else (None, None, None)
         ctx.save_for_backward(q, k, v, saved.gate, g if spec.gate_map else None, saved.vgate, saved.scores,
                               h0, cu_seqlens, o if spec.vgate else None, None if residual is v else residual,
-                              residual_scale, key_scale, saved.key_scale, *scalar_inputs)
+                              residual_scale, key_scale, saved.key_scale, *groups, *scalar_inputs)
+        ctx.group_size = saved.groups.size if saved.groups is not None else 0
         ctx.saved_chunk_size = saved.chunk_size
         ctx.gate_dtypes = (None if g is None or spec.scalar_map is not None else g.dtype,
                            None if gv is None else gv.dtype)
@@ -131,7 +134,8 @@ class ChunkDiagFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dht):
         (q, k, v, gate, raw_gate, vgate, scores, h0, cu_seqlens, o, residual, residual_scale,
-         key_scale, mapped_key_scale, *scalar_inputs) = ctx.saved_tensors
+         key_scale, mapped_key_scale, *groups) = ctx.saved_tensors
+        groups, scalar_inputs = groups[:3], groups[3:]
         nothing = (None,) * (17 + len(scalar_inputs))
         if do is None and dht is None:
             return nothing
@@ -142,7 +146,8 @@ class ChunkDiagFunction(torch.autograd.Function):
         # reads do, and adds residual's to dv where the residual is v (mamba2's D * x)
         if ctx.residual_is_v:
             residual = v
-        saved = module.Saved(gate, vgate, scores, ctx.saved_chunk_size, *ctx.gate_dtypes, mapped_key_scale)
+        groups = module.GroupStates(ctx.group_size, *groups) if ctx.group_size else None
+        saved = module.Saved(gate, vgate, scores, ctx.saved_chunk_size, *ctx.gate_dtypes, mapped_key_scale, groups)
         # the cumulated gates stand in for the raw ones, whose shapes they have, except where a
         # gate map's derivative reads the raw input, and a scalar map's raw tensors
         g = scalar_inputs if ctx.spec.scalar_map is not None else gate if raw_gate is None else raw_gate

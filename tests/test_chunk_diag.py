@@ -289,9 +289,10 @@ GROUPED_CASES = [Case("none", T=150, K=16, V=32, chunk_size=16),
 def test_state_pass_in_groups_matches_the_recurrence(case, one_pass, record_launches):
     """state_group=4 over 10 chunks (groups of 4, 4 and 2): outputs, final state and every
     gradient against the recurrence, and the forward against the ungrouped pass; each state
-    pass runs in two launches: the forward's, the backward's recompute of it and its
-    reverse pass. With the one pass (fused_forward=1) the forward's phase 2 is chunk_fused_fwd,
-    one program per group."""
+    pass runs in two launches, the forward's and the backward's reverse pass, and the
+    backward's recompute of the chunk states in one, phase 2 from the forward's phase 1.
+    With the one pass (fused_forward=1) the forward's phase 2 is chunk_fused_fwd, one
+    program per group."""
     inputs = make_inputs(case)
 
     def golden(q, k, v, g, gv, h0, cu_seqlens):
@@ -309,7 +310,7 @@ def test_state_pass_in_groups_matches_the_recurrence(case, one_pass, record_laun
     ref_o, ref_ht, ref_grads = run_and_differentiate(golden, inputs, do, dht)
     with record_launches() as launched:
         o, ht, grads = run_and_differentiate(under_test(4), inputs, do, dht)
-    assert sum(name.endswith("chunk_state_fwd") for name in launched) == 4 - one_pass, launched
+    assert sum(name.endswith("chunk_state_fwd") for name in launched) == 3 - one_pass, launched
     assert sum(name.endswith("chunk_fused_fwd") for name in launched) == one_pass, launched
     assert sum(name.endswith("chunk_state_bwd") for name in launched) == 2, launched
     tolerance = BF16_TOLERANCE if case.dtype == torch.bfloat16 else FP32_TOLERANCE
@@ -1089,6 +1090,58 @@ def test_gate_gradient_takes_its_carries_from_the_dq_dk_kernel(case, record_laun
     dqdk = next(i for i, n in enumerate(launched) if n.endswith("_chunk_dqdk"))
     expected = ["chunk_dv", "gate_grad"] + (["vgate_grad"] if case.vgate else [])
     assert launched[dqdk + 1:] == [launched[dqdk].replace("chunk_dqdk", e) for e in expected], launched
+
+
+@pytest.mark.parametrize("case", [Case("none", T=150, K=16, V=32, chunk_size=16),
+                                  Case("scalar", exclusive=True, T=150, K=16, V=16, B=2, H=1, chunk_size=16),
+                                  Case("channel", vgate=True, T=150, K=32, V=16, H=1, chunk_size=16)], ids=str)
+def test_backward_starts_from_the_forwards_group_states(case, record_launches):
+    """In groups of chunks the forward keeps its phase 1 (each group's state and log decays
+    from zero, `Saved.groups`), and the backward's recompute of the chunk states runs phase 2
+    from it: the gradients of one that runs phase 1 again (with a per-channel gate from k and
+    the cumulated gate instead of the decayed keys: to rounding), one chunk_state_fwd launch
+    fewer, and the kept states are read (changed, the gradients change)."""
+    from attnc.runtime.chunk_diag_op import ChunkDiagFunction
+
+    q, k, v, g, gv, h0, cu_seqlens = make_inputs(case)
+    module = ChunkDiagFunction.module_for(kernel_spec(q, g, gv, case.exclusive))
+    options = dict(chunk_size=case.chunk_size, input_precision="ieee", poison=True, config={"state_group": 4})
+    o, ht, saved = module.forward(q, k, v, g, gv, h0, cu_seqlens, True, keep=True, **options)
+    groups = saved.groups
+    assert groups is not None and groups.size == 4
+    rows = case.B * case.H * 3  # 10 chunks: groups of 4, 4 and 2
+    assert groups.states.shape == (rows, case.K, case.V) and torch.isfinite(groups.states).all()
+    assert (groups.decays is None) == (g is None) and (groups.vdecays is None) == (gv is None)
+    do, dht = torch.randn_like(o), torch.randn_like(ht)
+
+    def backward(saved):
+        with record_launches() as launched:
+            grads = module.backward(q, k, v, saved.gate, saved.vgate, h0, cu_seqlens, do, dht, o=o, saved=saved,
+                                    **options)
+        return grads, sum(name.endswith("chunk_state_fwd") for name in launched)
+
+    (reused, launches), (recomputed, launches_again) = backward(saved), backward(saved._replace(groups=None))
+    assert (launches, launches_again) == (1, 2)
+    for label, a, b in zip("dq dk dv dg dgv dh0".split(), reused, recomputed):
+        assert (a is None) == (b is None), label
+        if a is not None:
+            assert torch.isfinite(a).all() and rel_rms(a, b) <= 1e-6, f"{label}: {rel_rms(a, b):.2e}"
+    changed, _ = backward(saved._replace(groups=groups._replace(states=groups.states + 1)))
+    assert rel_rms(changed[0], reused[0]) > 1e-2, "the backward did not read the kept group states"
+
+    # kept for a backward in other groups, they are refused
+    with pytest.raises(ValueError, match="groups of 4 chunks, this backward's in groups of 2; pass the forward's"):
+        module.backward(q, k, v, saved.gate, saved.vgate, h0, cu_seqlens, do, dht, o=o, saved=saved,
+                        **{**options, "config": {"state_group": 2}})
+    with pytest.raises(ValueError, match="this backward's in one program per sequence"):
+        module.backward(q, k, v, saved.gate, saved.vgate, h0, cu_seqlens, do, dht, o=o, saved=saved,
+                        **{**options, "config": {"state_group": 0}})
+    with pytest.raises(ValueError, match=rf"saved.groups.states: expected shape \({rows}, {case.K}, {case.V}\)"):
+        module.backward(q, k, v, saved.gate, saved.vgate, h0, cu_seqlens, do, dht, o=o, **options,
+                        saved=saved._replace(groups=groups._replace(states=groups.states[1:])))
+    # without groups nothing is kept
+    assert module.forward(q, k, v, g, gv, h0, cu_seqlens, True, keep=True,
+                          **{**options, "config": {"state_group": 0}})[2].groups is None
 
 
 def test_saved_tensors_must_fit_the_backward():
