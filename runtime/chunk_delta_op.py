@@ -22,8 +22,9 @@ MODULES = KernelModules(render, lambda spec: f"{spec.name}_{spec.gate}")
 class ChunkDeltaFunction(torch.autograd.Function):
     """Autograd over the rendered module's forward and backward launchers. Saves the inputs
     (the inverse norms of those the kernels l2-normalise), the cumulated gate instead of the
-    raw one, each chunk's inverse Z and, with a per-channel gate, the intra-chunk scores:
-    the backward recomputes W and U' from Z, and the chunk states."""
+    raw one, each chunk's inverse Z, with a per-channel gate the intra-chunk scores and, in
+    groups of chunks (long sequences), each group's map of the state: the backward
+    recomputes W and U' from Z, and the chunk states from the maps."""
 
     @staticmethod
     def module_for(spec: DeltaKernelSpec):
@@ -40,8 +41,10 @@ class ChunkDeltaFunction(torch.autograd.Function):
         q_norm, k_norm = saved.q_norm, saved.k_norm
         # (the cumulated gate stands in for the raw one, of which the backward needs only
         # the shape and dtype)
+        groups = (saved.groups.states, saved.groups.transitions) if saved.groups is not None else (None, None)
         ctx.save_for_backward(q, k, v, beta, saved.gate, saved.kk_scores, saved.qk_scores, saved.inverse, h0,
-                              cu_seqlens, q_norm, k_norm)
+                              cu_seqlens, q_norm, k_norm, *groups)
+        ctx.group_size = saved.groups.size if saved.groups is not None else 0
         ctx.saved_chunk_size = saved.chunk_size
         ctx.g_dtype = None if g is None else g.dtype
         ctx.spec = spec
@@ -52,14 +55,17 @@ class ChunkDeltaFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, beta, gate, kk_scores, qk_scores, inverse, h0, cu_seqlens, q_norm, k_norm = ctx.saved_tensors
+        (q, k, v, beta, gate, kk_scores, qk_scores, inverse, h0, cu_seqlens, q_norm, k_norm,
+         *groups) = ctx.saved_tensors
         nothing = (None,) * 15
         if do is None and dht is None:
             return nothing
         if do is None:
             do = torch.zeros(*v.shape, dtype=torch.float32, device=v.device)
         module = ChunkDeltaFunction.module_for(ctx.spec)
-        saved = module.Saved(gate, kk_scores, qk_scores, ctx.saved_chunk_size, ctx.g_dtype, inverse=inverse)
+        groups = module.GroupMaps(ctx.group_size, *groups) if ctx.group_size else None
+        saved = module.Saved(gate, kk_scores, qk_scores, ctx.saved_chunk_size, ctx.g_dtype, inverse=inverse,
+                             groups=groups)
         grads = module.backward(q, k, v, beta, gate, h0, cu_seqlens, do, dht, scale=ctx.scale,
                                 q_norm=q_norm, k_norm=k_norm, saved=saved, **ctx.options.as_kwargs())
         dq, dk, dv, dbeta, dg, dh0 = (

@@ -364,8 +364,8 @@ def test_state_pass_in_groups_matches_the_recurrence(case, one_pass, record_laun
     """state_group=2 over 5 chunks (groups of 2, 2 and 1): outputs, final state and every
     gradient against the recurrence of the l2-normalised inputs, and the forward against
     the ungrouped pass; chunk_state_fwd runs in two launches in the forward (in one pass,
-    its phase 2 writes the outputs: no chunk_output_fwd) and in the backward's recompute,
-    and so does the reverse pass, chunk_state_bwd."""
+    its phase 2 writes the outputs: no chunk_output_fwd) and in one, phase 2 from the
+    forward's maps, in the backward's recompute; the reverse pass, chunk_state_bwd, in two."""
     torch.manual_seed(zlib.crc32(str(case).encode()))
     q, k, v, beta, g, h0, cu_seqlens = make_inputs(case)
     q = (3 * torch.randn(q.shape)).to(case.dtype)
@@ -389,7 +389,7 @@ def test_state_pass_in_groups_matches_the_recurrence(case, one_pass, record_laun
     ref_o, ref_ht, ref_grads = run_and_differentiate(reference, inputs, do, dht)
     with record_launches() as launched:
         o, ht, grads = run_and_differentiate(under_test(2), inputs, do, dht)
-    assert sum(name.endswith("chunk_state_fwd") for name in launched) == 4, launched
+    assert sum(name.endswith("chunk_state_fwd") for name in launched) == 3, launched
     assert sum(name.endswith("chunk_output_fwd") for name in launched) == 1 - one_pass, launched
     assert sum(name.endswith("chunk_state_bwd") for name in launched) == 2, launched
     tolerance = BF16_TOLERANCE if case.dtype == torch.bfloat16 else FP32_TOLERANCE
@@ -719,6 +719,57 @@ def test_backward_reuses_the_forwards_cumulated_gate_and_scores(case, record_lau
     assert forward and launched, "no kernel launch was recorded"
     assert not any(n.endswith("gate_cumsum") for n in launched), launched
     assert not any(n.endswith("_intra_scores") for n in launched), launched
+
+
+@pytest.mark.parametrize("case", [Case("none", T=75, K=32, V=16, H=1, chunk_size=16),
+                                  Case("scalar", T=75, K=16, V=32, B=2, H=1, chunk_size=16),
+                                  Case("channel", T=75, K=48, V=16, H=1, chunk_size=16)], ids=str)
+def test_backward_starts_from_the_forwards_group_maps(case, record_launches):
+    """In groups of chunks the forward keeps its phase 1 (each group's map of the state,
+    L_g and M_g: `Saved.groups`), and the backward's recompute of the chunk states runs
+    phase 2 through it: the gradients of one that runs phase 1 again (with a per-channel
+    gate from k and the cumulated gate instead of the decayed keys: to rounding), one
+    chunk_state_fwd launch fewer, and the kept maps are read (changed, the gradients
+    change)."""
+    q, k, v, beta, g, h0, cu_seqlens = make_inputs(case)
+    module = ChunkDeltaFunction.module_for(DeltaKernelSpec("delta", case.gate))
+    options = dict(chunk_size=case.chunk_size, input_precision="ieee", poison=True, config={"state_group": 2})
+    o, ht, saved = module.forward(q, k, v, beta, g, h0, cu_seqlens, True, keep=True, **options)
+    groups = saved.groups
+    rows = case.B * case.H * 3  # 5 chunks: groups of 2, 2 and 1
+    assert groups is not None and groups.size == 2
+    assert groups.states.shape == (rows, case.K, case.V) and groups.transitions.shape == (rows, case.K, case.K)
+    assert torch.isfinite(groups.states).all() and torch.isfinite(groups.transitions).all()
+    do, dht = torch.randn_like(o), torch.randn_like(ht)
+
+    def backward(saved):
+        with record_launches() as launched:
+            grads = module.backward(q, k, v, beta, saved.gate, h0, cu_seqlens, do, dht, saved=saved, **options)
+        return grads, sum(name.endswith("chunk_state_fwd") for name in launched)
+
+    (reused, launches), (recomputed, launches_again) = backward(saved), backward(saved._replace(groups=None))
+    assert (launches, launches_again) == (1, 2)
+    for label, a, b in zip("dq dk dv dbeta dg dh0".split(), reused, recomputed):
+        assert (a is None) == (b is None), label
+        if a is not None:
+            assert torch.isfinite(a).all() and rel_rms(a, b) <= 1e-6, f"{label}: {rel_rms(a, b):.2e}"
+    for changed in (groups._replace(states=groups.states + 1), groups._replace(transitions=groups.transitions + 1)):
+        grads, _ = backward(saved._replace(groups=changed))
+        assert rel_rms(grads[0], reused[0]) > 1e-2, "the backward did not read the kept group maps"
+
+    # kept for a backward in other groups, they are refused
+    with pytest.raises(ValueError, match="groups of 2 chunks, this backward's in groups of 1; pass the forward's"):
+        module.backward(q, k, v, beta, saved.gate, h0, cu_seqlens, do, dht, saved=saved,
+                        **{**options, "config": {"state_group": 1}})
+    with pytest.raises(ValueError, match="this backward's in one program per sequence"):
+        module.backward(q, k, v, beta, saved.gate, h0, cu_seqlens, do, dht, saved=saved,
+                        **{**options, "config": {"state_group": 0}})
+    with pytest.raises(ValueError, match=rf"saved.groups.transitions: expected shape \({rows}, {case.K}, {case.K}\)"):
+        module.backward(q, k, v, beta, saved.gate, h0, cu_seqlens, do, dht, **options,
+                        saved=saved._replace(groups=groups._replace(transitions=groups.states)))
+    # without groups nothing is kept
+    assert module.forward(q, k, v, beta, g, h0, cu_seqlens, True, keep=True,
+                          **{**options, "config": {"state_group": 0}})[2].groups is None
 
 
 def test_saved_tensors_must_fit_the_backward():
