@@ -1093,7 +1093,7 @@ def test_gate_gradient_takes_its_carries_from_the_dq_dk_kernel(case, record_laun
 
 
 @pytest.mark.parametrize("case", [Case("none", T=150, K=16, V=32, chunk_size=16),
-                                  Case("scalar", exclusive=True, T=150, K=16, V=16, B=2, H=1, chunk_size=16),
+                                  Case("scalar", exclusive=True, T=150, K=16, V=16, H=1, chunk_size=16),
                                   Case("channel", vgate=True, T=150, K=32, V=16, H=1, chunk_size=16)], ids=str)
 def test_backward_starts_from_the_forwards_group_states(case, record_launches):
     """In groups of chunks the forward keeps its phase 1 (each group's state and log decays
