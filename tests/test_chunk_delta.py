@@ -723,7 +723,7 @@ def test_backward_reuses_the_forwards_cumulated_gate_and_scores(case, record_lau
 
 @pytest.mark.parametrize("case", [Case("none", T=75, K=32, V=16, H=1, chunk_size=16),
                                   Case("scalar", T=75, K=16, V=32, H=1, chunk_size=16),
-                                  Case("channel", T=75, K=48, V=16, H=1, chunk_size=16)], ids=str)
+                                  Case("channel", T=75, K=32, V=16, H=1, chunk_size=16)], ids=str)
 def test_backward_starts_from_the_forwards_group_maps(case, record_launches):
     """In groups of chunks the forward keeps its phase 1 (each group's map of the state,
     L_g and M_g: `Saved.groups`), and the backward's recompute of the chunk states runs
