@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import sys
 import types
 
 
@@ -116,6 +117,10 @@ class CompiledOp:
         for it); `config` ({"chunk_size": ..., "num_warps": ..., ...}) fixes everything and
         skips tuning. Without either, and wherever tuning does not apply (the interpreter,
         ATTNC_AUTOTUNE=off), chunks are 64 tokens and the kernels' defaults hold."""
+        if _traced():
+            return _eagerly(CompiledOp.__call__, self, initial_state=initial_state,
+                            output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
+                            backend=backend, precision=precision, config=config, **kwargs)
         calls = _calls()
         if chunk_size is not None and (chunk_size < 16 or chunk_size & (chunk_size - 1)):
             raise ValueError(f"chunk_size must be a power of two >= 16, got {chunk_size}")
@@ -241,6 +246,9 @@ class CompiledOp:
         pool [P, H, *dims] with `state_indices` (int [N]) naming each sequence's row.
         inplace: write the new states into `state`. Runs the spec's fused recurrent
         kernel ("triton") or the reference recurrence ("torch"); no autograd."""
+        if _traced():
+            return _eagerly(CompiledOp.step, self, state=state, inplace=inplace, state_indices=state_indices,
+                            cu_seqlens=cu_seqlens, backend=backend, **kwargs)
         calls = _calls()
         bound = calls.bind(self.spec, kwargs, cu_seqlens=cu_seqlens)
         backend = self._backend(bound, backend)
@@ -500,3 +508,19 @@ def _stream_dtype(tensors):
 def _unwrap(values):
     values = tuple(values)
     return values[0] if len(values) == 1 else values
+
+
+# torch.compile: an op's call is not traced but runs as it does eagerly (autograd included),
+# a graph break around it. Traced, the host code (launch plans, the kernel cache, Triton's
+# runtime) fails to compile or, as other hand-launched Triton ops have been seen to, gets
+# captured wrongly. (attnc does not import torch itself: its spec checks run without it.)
+
+def _traced() -> bool:
+    """Whether torch.compile is tracing this call."""
+    torch = sys.modules.get("torch")
+    return torch is not None and torch.compiler.is_compiling()
+
+
+def _eagerly(method, *args, **kwargs):
+    """method(*args, **kwargs), run outside torch.compile's graph."""
+    return sys.modules["torch"].compiler.disable(method)(*args, **kwargs)
