@@ -55,6 +55,20 @@ class Bound:
         """Head count of input `name` (H, or fewer under GQA/GVA sharing)."""
         return self.inputs[name].shape[2]
 
+    @property
+    def stream_dtype(self) -> torch.dtype:
+        """The dtype the kernels stream q/k/v in and the outputs come back in: the inputs'
+        half-precision dtype where they have one, else fp32 (fp64 runs as fp32). An fp32
+        gate or scalar beside bf16 activations (as models compute their gates) is read as
+        it is and does not make the whole call fp32; bf16 beside fp16 does."""
+        return stream_dtype(self.inputs.values())
+
+
+def stream_dtype(tensors) -> torch.dtype:
+    """`Bound.stream_dtype` of these input tensors."""
+    halves = {t.dtype for t in tensors} & {torch.float16, torch.bfloat16}
+    return halves.pop() if len(halves) == 1 else torch.float32
+
 
 def expand_heads(x: torch.Tensor, H: int) -> torch.Tensor:
     """[B, T, H_i, ...] -> [B, T, H, ...]: head h takes head h // (H // H_i) of `x`."""

@@ -128,7 +128,7 @@ class CompiledOp:
             raise ValueError(f"precision must be 'tf32' or 'ieee', got {precision!r}")
         bound = calls.bind(self.spec, kwargs, initial_state=initial_state, cu_seqlens=cu_seqlens)
         backend = self._backend(bound, backend)
-        dtype = _stream_dtype(bound.inputs.values())
+        dtype = bound.stream_dtype
         if self.no_chunk_form is not None:
             return self._recurrent_call(bound, output_final_state, backend, dtype)
         module = self.plan_module(bound.device)
@@ -274,7 +274,7 @@ class CompiledOp:
         with torch.no_grad():
             outputs, finals = reference(self.spec, dataclasses.replace(bound, initial_states=picked),
                                         output_final_state=True)
-        dtype = _stream_dtype(bound.inputs.values())
+        dtype = bound.stream_dtype
         outputs = tuple(o.to(dtype) for o in outputs)
         if inplace:
             for s, f in zip(states, finals):
@@ -493,16 +493,6 @@ def _decay_message(name: str, state: str, gate) -> str:
             f"kernels need to be <= 1 ({gate} <= 0, a log-space decay): pass log decays (e.g. "
             f"-softplus(x) or logsigmoid(x)); a growing state has no chunked form. "
             f"ATTNC_CHECK_DECAYS=0 skips this check.")
-
-
-def _stream_dtype(tensors):
-    """The dtype q/k/v stream in: the inputs' common floating dtype (fp64 runs as fp32)."""
-    import torch
-
-    dtypes = {t.dtype for t in tensors}
-    if len(dtypes) == 1 and next(iter(dtypes)) in (torch.float16, torch.bfloat16):
-        return next(iter(dtypes))
-    return torch.float32
 
 
 def _unwrap(values):

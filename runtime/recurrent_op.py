@@ -21,7 +21,7 @@ import torch
 
 from ..codegen.recurrent import render_recurrent
 from ..dsl import ir
-from .binding import Bound
+from .binding import Bound, stream_dtype
 from .kernels import interpreted
 from .loader import load_module
 from .settings import settings
@@ -49,14 +49,6 @@ def register_recurrent(spec: ir.Spec, module: ModuleType) -> None:
     _MODULES[spec] = module
 
 
-def _stream_dtype(tensors) -> torch.dtype:
-    """Outputs come back in the inputs' common half dtype, else fp32 (as CompiledOp)."""
-    dtypes = {t.dtype for t in tensors}
-    if len(dtypes) == 1 and next(iter(dtypes)) in (torch.float16, torch.bfloat16):
-        return next(iter(dtypes))
-    return torch.float32
-
-
 class RecurrentFunction(torch.autograd.Function):
     """Autograd over the rendered forward / backward launchers.
 
@@ -73,7 +65,7 @@ class RecurrentFunction(torch.autograd.Function):
         training = any(ctx.needs_input_grad[7:])
         outputs, finals, checkpoints = module.forward(
             inputs, weights, params, initial, cu_seqlens, output_final_state=output_final_state,
-            checkpoint=checkpoint if training else None, output_dtype=_stream_dtype(inputs), **options)
+            checkpoint=checkpoint if training else None, output_dtype=stream_dtype(inputs), **options)
         if training:
             ctx.save_for_backward(*inputs, *weights, *initial, *checkpoints, cu_seqlens)
         ctx.spec, ctx.params, ctx.checkpoint, ctx.options = spec, params, checkpoint, options
@@ -112,7 +104,7 @@ def recurrent(spec: ir.Spec, bound: Bound, *, output_final_state: bool, checkpoi
               ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...] | None]:
     """(outputs, final states or None) of `spec` on `bound`, with autograd.
 
-    Outputs are [B, T, H, *shape] in the inputs' half dtype (else fp32), in
+    Outputs are [B, T, H, *shape] in the stream dtype (`Bound.stream_dtype`), in
     `spec.outputs` order; final states [N, H, *shape] fp32, in `spec.states` order.
     Gradients reach the inputs, weights and initial states. checkpoint: tokens between
     the states the forward keeps for the backward (memory O(T / checkpoint) states,
@@ -190,6 +182,6 @@ def step(spec: ir.Spec, bound: Bound, states: torch.Tensor | Sequence[torch.Tens
     # allocates, makes inputs contiguous and launches; its outputs never require grad.
     outputs, new_states, _ = module_for(spec).forward(
         inputs, weights, bound.params, initial, bound.cu_seqlens, output_final_state=True,
-        final_states=finals, state_indices=state_indices, output_dtype=_stream_dtype(inputs),
+        final_states=finals, state_indices=state_indices, output_dtype=stream_dtype(inputs),
         interpret=interpreted(bound.device), poison=poison, split_block=split_block)
     return outputs, new_states

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .binding import stream_dtype
 from .op import CompiledOp
 from .sampling import random_arguments
 
@@ -42,12 +43,16 @@ def verify(op: CompiledOp, *, B: int = 2, T: int = 100, H: int = 2, K: int = 32,
            initial_state: bool = True, final_state: bool = True,
            seqlens: list[int] | None = None, heads: dict[str, int] | None = None,
            arguments: dict[str, torch.Tensor] | None = None, chunk_size: int = 64,
-           tolerance: float | None = None, config: dict | None = None) -> Verification:
+           tolerance: float | None = None, config: dict | None = None,
+           dtypes: dict[str, torch.dtype] | None = None) -> Verification:
     """Run `op` and its reference on the same fresh random data and compare.
 
     `seqlens` packs that many sequences into one row (B = 1, cu_seqlens); `heads`
     gives some inputs fewer heads (GQA/GVA); `arguments` overrides drawn tensors;
-    `config` fixes the launchers' config (e.g. {"fused_forward": 1}) instead of tuning.
+    `config` fixes the launchers' config (e.g. {"fused_forward": 1}) instead of tuning;
+    `dtypes` gives some inputs a dtype of their own (an fp32 gate beside bf16 activations:
+    drawn in fp32, then each converted to its dtype). Outputs must come back in the stream
+    dtype (`Bound.stream_dtype`).
     """
     gen = torch.Generator().manual_seed(seed)
     dims = {"K": K, "V": V}
@@ -58,10 +63,15 @@ def verify(op: CompiledOp, *, B: int = 2, T: int = 100, H: int = 2, K: int = 32,
         B, T = 1, sum(seqlens)
         cu_seqlens = torch.tensor([0, *torch.tensor(seqlens).cumsum(0).tolist()], device=device)
     N = len(seqlens) if seqlens is not None else B
-    args = random_arguments(op.analysis, B=B, T=T, H=H, dims=dims, dtype=dtype, device=device,
-                            generator=gen, heads=heads)
-    for name, value in (arguments or {}).items():
-        args[name] = value.to(device=device, dtype=dtype)
+    dtypes = dtypes or {}
+    unknown = set(dtypes) - {i.name for i in op.spec.inputs} - {w.name for w in op.spec.weights}
+    if unknown:
+        raise ValueError(f"dtypes: {', '.join(sorted(unknown))} is not an input or weight of {op.name}")
+    args = random_arguments(op.analysis, B=B, T=T, H=H, dims=dims, dtype=torch.float32 if dtypes else dtype,
+                            device=device, generator=gen, heads=heads)
+    args.update(arguments or {})
+    args = {n: t.to(device=device, dtype=dtypes.get(n, dtype)) for n, t in args.items()}
+    streamed = stream_dtype(args[i.name] for i in op.spec.inputs)
     args = {n: t.detach().requires_grad_() for n, t in args.items()}
     h0 = tuple(torch.randn(N, H, *(dims[d] for d in s.shape), generator=gen).to(device)
                .requires_grad_() for s in op.spec.states) if initial_state else ()
@@ -73,7 +83,7 @@ def verify(op: CompiledOp, *, B: int = 2, T: int = 100, H: int = 2, K: int = 32,
 
     out, ht = op(**args, initial_state=state_arg(h0), output_final_state=final_state,
                  cu_seqlens=cu_seqlens, backend=backend, chunk_size=chunk_size, config=config,
-                 precision="ieee" if dtype == torch.float32 else "tf32")
+                 precision="ieee" if streamed == torch.float32 else "tf32")
     ref_args = {n: t.detach().double().requires_grad_() for n, t in args.items()}
     ref_h0 = tuple(s.detach().double().requires_grad_() for s in h0)
     ref_out, ref_ht = op.reference(**ref_args, initial_state=state_arg(ref_h0),
@@ -88,6 +98,8 @@ def verify(op: CompiledOp, *, B: int = 2, T: int = 100, H: int = 2, K: int = 32,
     for name, a, e in zip(names, got, want):
         if a.shape != e.shape:
             raise AssertionError(f"{name}: shape {tuple(a.shape)}, reference {tuple(e.shape)}")
+        if name in op.spec.outputs and a.dtype != streamed:
+            raise AssertionError(f"{name}: dtype {a.dtype}, expected the stream dtype {streamed}")
         errors[name] = rel_rms(a, e)
     cotangents = [torch.randn(e.shape, generator=gen, dtype=torch.float64) for e in want]
     leaves = list(args.values()) + list(h0)
@@ -104,5 +116,5 @@ def verify(op: CompiledOp, *, B: int = 2, T: int = 100, H: int = 2, K: int = 32,
         key = f"d({name})" if name.startswith("initial") else f"d{name}"
         errors[key] = float("inf") if g is None else rel_rms(g, e)
     if tolerance is None:
-        tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+        tolerance = 1e-4 if streamed == torch.float32 else 2e-2
     return Verification(op.name, errors, tolerance)
