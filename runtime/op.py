@@ -1,6 +1,7 @@
 """The compiled-op object handed back to users."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -127,6 +128,11 @@ class CompiledOp:
         if precision not in ("tf32", "ieee"):
             raise ValueError(f"precision must be 'tf32' or 'ieee', got {precision!r}")
         bound = calls.bind(self.spec, kwargs, initial_state=initial_state, cu_seqlens=cu_seqlens)
+        with _on_device(bound.device):
+            return self._call_bound(calls, bound, output_final_state, backend, chunk_size, precision, config)
+
+    def _call_bound(self, calls, bound, output_final_state, backend, chunk_size, precision, config):
+        """`__call__` after binding, on the inputs' device."""
         backend = self._backend(bound, backend)
         dtype = bound.stream_dtype
         if self.no_chunk_form is not None:
@@ -255,8 +261,9 @@ class CompiledOp:
         states = (state,) if isinstance(state, calls.torch.Tensor) else tuple(state)
         if backend == "triton":
             self.plan_module(bound.device)  # the recurrent module, from the kernel cache
-            outputs, new_states = calls.step(self.spec, bound, states, inplace=inplace,
-                                             state_indices=state_indices)
+            with _on_device(bound.device):
+                outputs, new_states = calls.step(self.spec, bound, states, inplace=inplace,
+                                                 state_indices=state_indices)
             return _unwrap(outputs), _unwrap(new_states)
         return self._reference_step(bound, states, inplace, state_indices)
 
@@ -514,3 +521,16 @@ def _traced() -> bool:
 def _eagerly(method, *args, **kwargs):
     """method(*args, **kwargs), run outside torch.compile's graph."""
     return sys.modules["torch"].compiler.disable(method)(*args, **kwargs)
+
+
+def _on_device(device):
+    """Run on the inputs' GPU. Triton launches on the current CUDA device, which need not
+    be the inputs' (a model placed on cuda:1 in a process whose current device is cuda:0):
+    make theirs current for the call. (Autograd runs a GPU's backward on a thread whose
+    current device is that GPU.)"""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    cuda = sys.modules["torch"].cuda
+    if device.index is None or device.index == cuda.current_device():
+        return contextlib.nullcontext()
+    return cuda.device(device)

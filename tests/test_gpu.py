@@ -154,3 +154,31 @@ def test_scalar_maps_with_varlen(name):
     op = attnc.compile(SPECS[name]) if name in SPECS else attnc.load(name)
     result = verify(op, H=4, K=128, V=128, seqlens=[700, 3, 1300], device="cuda", dtype=torch.bfloat16)
     assert result.ok, result.errors
+
+
+# Gates computed in fp32 beside bf16 activations, compiled: bf16 dots with fp32 gates read
+# where the gate is cumulated (and their gradients stored back in fp32)
+@pytest.mark.parametrize("name,fp32", [("gated_deltanet", ("alpha",)), ("gla", ("g",)), ("mamba2", ("dt",)),
+                                       ("kda", ("g", "beta"))], ids=["gated_deltanet", "gla", "mamba2", "kda"])
+def test_fp32_gates_beside_bf16_activations(name, fp32):
+    result = verify(attnc.load(name), B=2, T=1000, H=4, K=128, V=128, dtype=torch.bfloat16, device="cuda",
+                    dtypes=dict.fromkeys(fp32, torch.float32))
+    assert result.ok, result.errors
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs (inputs on one that is not current)")
+def test_inputs_on_a_gpu_that_is_not_the_current_one():
+    """A model on cuda:1 in a process whose current device is cuda:0: forward, backward and
+    decode step run on cuda:1 (Triton launches on the current device) and match the
+    reference."""
+    op = attnc.load("gated_deltanet")
+    torch.cuda.set_device(0)
+    result = verify(op, B=2, T=300, H=4, K=64, V=64, dtype=torch.bfloat16, device="cuda:1")
+    assert result.ok, result.errors
+    from attnc.runtime.sampling import random_arguments
+    args = random_arguments(op.analysis, B=2, T=1, H=4, dims={"K": 64, "V": 64}, device="cuda:1")
+    state = torch.randn(2, 4, 64, 64, device="cuda:1")
+    out, new = op.step(**args, state=state)
+    ref, ref_new = op.step(**args, state=state, backend="torch")
+    assert torch.cuda.current_device() == 0
+    assert (out - ref).norm() <= 1e-3 * ref.norm() and (new - ref_new).norm() <= 1e-3 * ref_new.norm()
