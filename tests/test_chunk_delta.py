@@ -789,3 +789,39 @@ def test_saved_tensors_must_fit_the_backward():
         module.backward(q, k, v, beta, g, h0, None, do, None, chunk_size=32, saved=saved._replace(kk_scores=None))
     with pytest.raises(ValueError, match="expected the Saved that forward"):
         module.backward(q, k, v, beta, g, h0, None, do, None, chunk_size=32, saved=tuple(saved))
+
+
+@pytest.mark.parametrize("norms", [False, True], ids=["raw", "l2norm"])
+@pytest.mark.parametrize("case", [Case("none", T=100, K=32, V=16), Case("scalar", T=104, K=48, V=16, H=1,
+                                                                         seqlens=(80, 23, 1))], ids=str)
+def test_chunk_bwd_wy_finishes_dq_and_dk(case, norms, record_launches):
+    """With no per-channel gate and whole rows of K in one program, chunk_bwd_wy adds the
+    intra-chunk score terms to dq and dk itself (and makes l2norm's input gradients): the
+    gradients chunk_bwd_intra makes after it (fused_backward=0), to rounding, with one
+    launch fewer and no score gradient dL through memory."""
+    torch.manual_seed(5)
+    q, k, v, beta, g, h0, cu_seqlens = make_inputs(case)
+    module = ChunkDeltaFunction.module_for(DeltaKernelSpec("delta", case.gate))
+    options = dict(input_precision="ieee", poison=True)
+    if norms:  # (unnormalised keys this long would make the recurrence grow without bound)
+        q, k = 3 * torch.randn(q.shape, device=q.device), 2 * torch.randn(k.shape, device=k.device)
+        options.update(q_norm=module.inverse_norms(q), k_norm=module.inverse_norms(k))
+    o, ht = module.forward(q, k, v, beta, g, h0, cu_seqlens, True, **options)
+    do, dht = torch.randn_like(o), torch.randn_like(ht)
+
+    def backward(fused):
+        with record_launches() as launched:
+            grads = module.backward(q, k, v, beta, g, h0, cu_seqlens, do, dht, config={"fused_backward": fused},
+                                    **options)
+        return grads, [name.split("_S_")[-1] if "_S_" in name else name for name in launched]
+
+    (fused, launched), (apart, launched_apart) = backward(1), backward(0)
+    assert "chunk_bwd_intra" not in " ".join(launched) and not any("l2norm" in n for n in launched), launched
+    assert any(n.endswith("chunk_bwd_intra") for n in launched_apart), launched_apart
+    assert len(launched) == len(launched_apart) - 1
+    for label, a, b in zip("dq dk dv dbeta dg dh0".split(), fused, apart):
+        assert (a is None) == (b is None), label
+        if a is not None:
+            assert torch.isfinite(a).all() and rel_rms(a, b) <= 1e-6, f"{label}: {rel_rms(a, b):.2e}"
+    with pytest.raises(ValueError, match="fused_backward=2: expected 0 or 1"):
+        module.backward(q, k, v, beta, g, h0, cu_seqlens, do, dht, config={"fused_backward": 2})
