@@ -21,10 +21,13 @@
 #                                  writes forms-1/ and forms-0/ under the results folder),
 #                                  then the delta rule's state passes unpipelined
 #                                  (state_stages=1, beside forms-1/: forms-stages-1/)
-#   bench/gpu_session.sh delta-bwd [SPECS]  each kernel's time with the delta rule's
-#                                  chunk_bwd_intra launched apart (fused_backward=0; the
-#                                  default finishes dq / dk in chunk_bwd_wy), beside forms-1/;
-#                                  default deltanet gated_deltanet; writes forms-bwd-0/
+#   bench/gpu_session.sh fused-bwd [SPECS]  each kernel's time with the backward's fused
+#                                  parts launched apart (fused_backward=0: the delta rule's
+#                                  chunk_bwd_intra, which the default's chunk_bwd_wy replaces;
+#                                  without per-channel gates the diagonal family's scores
+#                                  kernels, which the default's dq / dk and dv kernels
+#                                  replace), beside forms-1/; default mamba2 deltanet
+#                                  gated_deltanet; writes forms-bwd-0/
 #   bench/gpu_session.sh long [SPECS]  each kernel's time at T = 32768, B = 1 with the state
 #                                  passes and the one pass in groups of 64 chunks (the default
 #                                  there) and over whole sequences (state_group=0: through
@@ -48,7 +51,7 @@
 set -uo pipefail
 step=${1:-tests}
 shift || true
-case "$step" in tests|tune|bench|profile|host|compile|forms|delta-bwd|long|long-two-pass|diag) ;; *) echo "usage: bench/gpu_session.sh tests|tune|bench|profile|host|compile|forms|delta-bwd|long|long-two-pass|diag" >&2; exit 2 ;; esac
+case "$step" in tests|tune|bench|profile|host|compile|forms|fused-bwd|long|long-two-pass|diag) ;; *) echo "usage: bench/gpu_session.sh tests|tune|bench|profile|host|compile|forms|fused-bwd|long|long-two-pass|diag" >&2; exit 2 ;; esac
 out=${OUT:-bench/results}
 mkdir -p "$out"
 if [ -d .whl ]; then
@@ -101,8 +104,8 @@ done
 delta=$(printf '%s\n' "$@" | grep delta | tr '\n' ' ')
 [ -z "$delta" ] || ATTNC_AUTOTUNE=off timeout 120 python3 bench/kernel_times.py $delta --calls 10 \
     --config fused_forward=1,state_stages=1 --out "$out/forms-stages-1" 2>&1 | tee -a "$out/forms.log" ;;
-delta-bwd)
-[ $# -gt 0 ] || set -- deltanet gated_deltanet
+fused-bwd)
+[ $# -gt 0 ] || set -- mamba2 deltanet gated_deltanet
 ATTNC_AUTOTUNE=off timeout 200 python3 bench/kernel_times.py "$@" --calls 10 --config fused_forward=1,fused_backward=0 \
     --out "$out/forms-bwd-0" 2>&1 | tee -a "$out/forms.log" ;;
 long)

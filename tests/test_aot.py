@@ -214,7 +214,7 @@ def test_diag_backward_runs_no_pytorch_pass_between_its_kernels(name, monkeypatc
     trace = record(op, B=1, T=64, H=2, dims={"K": 32, "V": 32}, dtype=torch.bfloat16, step=False)
     events = [e for e in trace.events if e.phase == "backward"]
     chunk = [i for i, e in enumerate(events) if isinstance(e, KernelLaunch) and "_S_" in e.name]
-    assert len(chunk) >= 6, f"{name}: chunk kernels in the backward: {[events[i].name for i in chunk]}"
+    assert len(chunk) >= 5, f"{name}: chunk kernels in the backward: {[events[i].name for i in chunk]}"
     between = [e.name for e in events[chunk[0]:chunk[-1]] if not isinstance(e, KernelLaunch)]
     assert not between, f"{name}: PyTorch passes inside the chunk backward: {between}"
 

@@ -1067,10 +1067,56 @@ def test_backward_reuses_the_forwards_cumulated_gates_and_scores(case, record_la
         out.backward(torch.randn_like(out))
     assert forward and launched, "no kernel launch was recorded"
     assert not any(n.endswith("gate_cumsum") for n in launched), launched
-    assert any(n.endswith("_intra_scores") for n in launched) == (not per_channel), launched
+    # kept with a per-channel gate; else the dq / dk and dv kernels compute the scores and
+    # their gradient themselves
+    assert not any(n.endswith("_intra_scores") for n in launched), launched
+    assert any(n.endswith("_intra_scores_grad") for n in launched) == per_channel, launched
     assert any(n.endswith("_intra_scores") for n in forward) == per_channel, forward
     # the scores kernel cumulates a per-channel K-side gate first: no cumsum launch of its own
     assert any(n.endswith("_gate_cumsum") for n in forward) == (case.gate == "scalar"), forward
+
+
+@pytest.mark.parametrize("case, key_scale", [
+    (Case("none", T=100, K=32, V=16), False),
+    (Case("none", exclusive=True, T=104, K=80, V=48, seqlens=(23, 80, 1)), False),
+    (Case("scalar", T=100, K=80, V=16, chunk_size=32), True),
+    (Case("scalar", exclusive=True, T=104, K=16, V=32, seqlens=(80, 23, 1), h0=False), False),
+    (Case("scalar", T=130, K=48, V=96, B=2, H=1, strong=True), True)], ids=str)
+def test_dq_dk_and_dv_kernels_compute_the_scores_themselves(case, key_scale, record_launches):
+    """Without per-channel gates the backward launches no scores kernels: the dq / dk kernel
+    makes dA = dO V^T (and, per K block, a scalar gate's straddle terms) and the dv kernel
+    A = Q K^T from the tiles they load. The gradients are those of the scores kernels'
+    path (fused_backward=0) to rounding, over several K blocks, varlen batches, a readout
+    before the update, a key factor and strong decays."""
+    from attnc.runtime.chunk_diag_op import ChunkDiagFunction
+
+    torch.manual_seed(3)
+    q, k, v, g, gv, h0, cu_seqlens = make_inputs(case)
+    scale = torch.rand(q.shape[:3], device=q.device) + 0.5 if key_scale else None
+    module = ChunkDiagFunction.module_for(kernel_spec(q, g, gv, case.exclusive))
+    options = dict(chunk_size=case.chunk_size, input_precision="ieee", poison=True, key_scale=scale)
+    o, ht = module.forward(q, k, v, g, gv, h0, cu_seqlens, True, **options)
+    do, dht = torch.randn_like(o), torch.randn_like(ht)
+
+    def backward(fused):
+        with record_launches() as launched:
+            grads = module.backward(q, k, v, g, gv, h0, cu_seqlens, do, dht, config={"fused_backward": fused},
+                                    scale=0.7, **options)
+        return grads, list(launched)
+
+    (fused, launched), (apart, launched_apart) = backward(1), backward(0)
+    assert not any("_intra_scores" in n for n in launched), launched
+    extra = [n for n in launched_apart if n not in launched]
+    assert [n.rsplit("_intra_", 1)[-1] for n in extra] == ["scores", "scores_grad"], launched_apart
+    assert len(launched) == len(launched_apart) - 2
+    labels = "dq dk dv dg dgv dh0 d_residual d_residual_scale d_key_scale".split()
+    for label, a, b in zip(labels, fused, apart):
+        assert (a is None) == (b is None), label
+        if a is not None:
+            assert torch.isfinite(a).all() and rel_rms(a, b) <= 1e-5, f"{label}: {rel_rms(a, b):.2e}"
+    assert fused[3] is not None or case.gate == "none"
+    with pytest.raises(ValueError, match="fused_backward=2: expected 0 or 1"):
+        module.backward(q, k, v, g, gv, h0, cu_seqlens, do, dht, config={"fused_backward": 2})
 
 
 @pytest.mark.parametrize("case", [Case("scalar", T=100, K=80, V=16), Case("scalar", vgate=True, T=100, K=80, V=16),
