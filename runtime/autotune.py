@@ -2,8 +2,8 @@
 
 A config is one flat dict: `chunk_size` plus overrides of the launchers' defaults, named as
 in the chunk templates' TUNABLE (num_warps, num_stages, block_k, block_v, state_block_v;
-the diagonal family's fused_forward, fused_block_v; the delta family's state_stages and
-fused_backward, which tuning leaves at its default),
+the diagonal family's fused_forward, fused_block_v; the delta family's state_stages; and
+both families' fused_backward, which tuning leaves at its default),
 e.g. {"chunk_size": 64, "num_warps": 8}. A key left out keeps the template's default; one
 config serves every chunk call of an op (blocks wider than a call's dimension are narrowed
 by the launchers).
