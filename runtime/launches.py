@@ -39,9 +39,6 @@ class TensorArg:
     shape: tuple[int, ...]
     nbytes: int
     aligned: bool  # data pointer divisible by 16 (Triton specialises on it)
-    # (data pointer, bytes): one tensor passed as two arguments (mamba2's x, the value and
-    # the readout's residual term) is one tensor to move
-    memory: tuple[int, int] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -63,12 +60,8 @@ class KernelLaunch:
     def tensor_bytes(self) -> int:
         """Bytes of the distinct tensors passed: what the launch reads or writes if it
         touches each once (a kernel that re-reads a tile from several programs moves more;
-        one that reads part of a tensor moves less). A tensor passed twice counts once."""
-        distinct = {}
-        for i, a in enumerate(self.arguments.values()):
-            if isinstance(a, TensorArg):
-                distinct.setdefault(a.memory or i, a.nbytes)
-        return sum(distinct.values())
+        one that reads part of a tensor moves less)."""
+        return sum(a.nbytes for a in self.arguments.values() if isinstance(a, TensorArg))
 
 
 @dataclass(frozen=True)
@@ -208,9 +201,8 @@ def _flatten(x) -> Iterator[Any]:
 
 def _describe(value):
     if isinstance(value, torch.Tensor):
-        nbytes = value.numel() * value.element_size()
-        return TensorArg(value.dtype, tuple(value.shape), nbytes, value.data_ptr() % 16 == 0,
-                         (value.data_ptr(), nbytes))
+        return TensorArg(value.dtype, tuple(value.shape), value.numel() * value.element_size(),
+                         value.data_ptr() % 16 == 0)
     return value
 
 

@@ -51,19 +51,6 @@ def test_trace_records_the_gpu_launches_of_forward_backward_and_step():
     assert trace.bytes("forward") >= trace.floor_bytes["forward"]
 
 
-def test_a_tensor_passed_twice_moves_once():
-    """mamba2's x is the value operand and the readout's residual term D * x: the one-pass
-    kernel takes it as two arguments, which are one tensor to move (at 16 x 2048 its forward
-    is then at its memory floor: q, k, v and o, and per-token scalars of a few MB)."""
-    trace = record(attnc.load("mamba2"), B=1, T=64, H=2, dims={"K": 32, "V": 32}, dtype=torch.bfloat16,
-                   backward=False, step=False, config={"fused_forward": 1})
-    fused = next(k for k in trace.launches("forward") if k.name.endswith("chunk_fused_fwd"))
-    v, residual = fused.arguments["v"], fused.arguments["residual"]
-    assert v.memory == residual.memory and v.nbytes == 64 * 2 * 32 * 2
-    args = [a for a in fused.arguments.values() if isinstance(a, TensorArg)]
-    assert fused.tensor_bytes == sum(a.nbytes for a in args) - residual.nbytes
-
-
 @pytest.mark.parametrize("name", ["gla", "mamba2", "rwkv6"])
 def test_only_the_state_passes_run_sequentially_over_chunks(name):
     """At B = 1 and long T only the passes that carry a state from chunk to chunk may have a
