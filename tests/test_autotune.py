@@ -302,10 +302,11 @@ def test_precompile_compiles_in_worker_processes_what_the_launches_find(tmp_path
                          text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])
-    assert out["candidates"] == 2 and out["launches"] >= 2 * 8
+    assert out["candidates"] == 2 and out["launches"] >= 2 * 7
     assert out["in_process"] == []          # the workers compiled, not this process
     kernels = {name for name, _ in out["second"]}
-    assert len(kernels) >= 8 and len(out["second"]) >= out["built"] >= len(kernels)
+    # (retnet's 7 distinct kernels: its backward computes the intra-chunk scores in dq / dk and dv)
+    assert len(kernels) >= 7 and len(out["second"]) >= out["built"] >= len(kernels)
     assert [hit for _, hit in out["second"]] == [True] * len(out["second"])
 
 
