@@ -26,8 +26,11 @@
 #                                  chunk_bwd_intra, which the default's chunk_bwd_wy replaces;
 #                                  without per-channel gates the diagonal family's scores
 #                                  kernels, which the default's dq / dk and dv kernels
-#                                  replace), beside forms-1/; default mamba2 deltanet
-#                                  gated_deltanet; writes forms-bwd-0/
+#                                  replace; with one, gla's scores-gradient kernel over
+#                                  every chunk, where the default's dq / dk kernel computes
+#                                  dA for the chunks it takes whole), beside forms-1/;
+#                                  default mamba2 gla deltanet gated_deltanet; writes
+#                                  forms-bwd-0/
 #   bench/gpu_session.sh long [SPECS]  each kernel's time at T = 32768, B = 1 with the state
 #                                  passes and the one pass in groups of 64 chunks (the default
 #                                  there) and over whole sequences (state_group=0: through
@@ -105,8 +108,8 @@ delta=$(printf '%s\n' "$@" | grep delta | tr '\n' ' ')
 [ -z "$delta" ] || ATTNC_AUTOTUNE=off timeout 120 python3 bench/kernel_times.py $delta --calls 10 \
     --config fused_forward=1,state_stages=1 --out "$out/forms-stages-1" 2>&1 | tee -a "$out/forms.log" ;;
 fused-bwd)
-[ $# -gt 0 ] || set -- mamba2 deltanet gated_deltanet
-ATTNC_AUTOTUNE=off timeout 200 python3 bench/kernel_times.py "$@" --calls 10 --config fused_forward=1,fused_backward=0 \
+[ $# -gt 0 ] || set -- mamba2 gla deltanet gated_deltanet
+ATTNC_AUTOTUNE=off timeout 260 python3 bench/kernel_times.py "$@" --calls 10 --config fused_forward=1,fused_backward=0 \
     --out "$out/forms-bwd-0" 2>&1 | tee -a "$out/forms.log" ;;
 long)
 [ $# -gt 0 ] || set -- mamba2 gla deltanet gated_deltanet

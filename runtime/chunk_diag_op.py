@@ -112,10 +112,13 @@ class ChunkDiagFunction(torch.autograd.Function):
         # (with a scalar map its raw tensors, which the gate-gradient kernel reads, and the keys'
         # factor it computed) A long sequence's state pass in groups of chunks: their phase 1
         # (a state per group), which the backward's recompute of the chunk states starts from.
+        # With a per-channel gate, each chunk's b_last (4 MB at 16 x 2048, K = 128), which
+        # tells the backward's scores-gradient kernel the chunks the dq / dk kernel takes whole.
         groups = saved.groups.buffers() if saved.groups is not None else (None, None, None)
         ctx.save_for_backward(q, k, v, saved.gate, g if spec.gate_map else None, saved.vgate, saved.scores,
                               h0, cu_seqlens, o if spec.vgate else None, None if residual is v else residual,
-                              residual_scale, key_scale, saved.key_scale, *groups, *scalar_inputs)
+                              residual_scale, key_scale, saved.key_scale, saved.chunk_gate, *groups,
+                              *scalar_inputs)
         ctx.group_size = saved.groups.size if saved.groups is not None else 0
         ctx.saved_chunk_size = saved.chunk_size
         ctx.gate_dtypes = (None if g is None or spec.scalar_map is not None else g.dtype,
@@ -134,7 +137,7 @@ class ChunkDiagFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dht):
         (q, k, v, gate, raw_gate, vgate, scores, h0, cu_seqlens, o, residual, residual_scale,
-         key_scale, mapped_key_scale, *groups) = ctx.saved_tensors
+         key_scale, mapped_key_scale, chunk_gate, *groups) = ctx.saved_tensors
         groups, scalar_inputs = groups[:3], groups[3:]
         nothing = (None,) * (17 + len(scalar_inputs))
         if do is None and dht is None:
@@ -147,7 +150,8 @@ class ChunkDiagFunction(torch.autograd.Function):
         if ctx.residual_is_v:
             residual = v
         groups = module.GroupStates(ctx.group_size, *groups) if ctx.group_size else None
-        saved = module.Saved(gate, vgate, scores, ctx.saved_chunk_size, *ctx.gate_dtypes, mapped_key_scale, groups)
+        saved = module.Saved(gate, vgate, scores, ctx.saved_chunk_size, *ctx.gate_dtypes, mapped_key_scale, groups,
+                             chunk_gate)
         # the cumulated gates stand in for the raw ones, whose shapes they have, except where a
         # gate map's derivative reads the raw input, and a scalar map's raw tensors
         g = scalar_inputs if ctx.spec.scalar_map is not None else gate if raw_gate is None else raw_gate

@@ -1050,9 +1050,12 @@ def test_backward_reuses_the_forwards_cumulated_gates_and_scores(case, record_la
             chunks = [piece.cumsum(1) for piece in raw.split(case.chunk_size, dim=1)]
             assert torch.allclose(kept, torch.cat(chunks, 1), atol=1e-5), "not the chunk-local cumsum"
     do, dht = torch.randn_like(o), torch.randn_like(ht)
-    recomputed = module.backward(q, k, v, g, gv, h0, cu_seqlens, do, dht, o=o, poison=True)
+    # (fused_backward=0: with the saved chunk gates the dq / dk kernel would compute dA
+    # itself for the chunks it takes whole, the same to rounding, see the test below)
+    apart = {"fused_backward": 0}
+    recomputed = module.backward(q, k, v, g, gv, h0, cu_seqlens, do, dht, o=o, poison=True, config=apart)
     reused = module.backward(q, k, v, saved.gate, saved.vgate, h0, cu_seqlens, do, dht, o=o, poison=True,
-                             saved=saved)
+                             saved=saved, config=apart)
     for label, a, b in zip("dq dk dv dg dgv dh0".split(), recomputed, reused):
         assert (a is None) == (b is None), label
         if a is not None:
@@ -1117,6 +1120,81 @@ def test_dq_dk_and_dv_kernels_compute_the_scores_themselves(case, key_scale, rec
     assert fused[3] is not None or case.gate == "none"
     with pytest.raises(ValueError, match="fused_backward=2: expected 0 or 1"):
         module.backward(q, k, v, g, gv, h0, cu_seqlens, do, dht, config={"fused_backward": 2})
+
+
+@pytest.mark.parametrize("case, chunk_span", [
+    (Case("channel", T=240, K=48, V=16, H=1), 19.2),
+    (Case("channel", exclusive=True, T=208, K=16, V=32, H=1, seqlens=(9, 150, 49)), 19.2),
+    (Case("channel", T=130, K=80, V=16, B=2, H=1), 20.8),
+    (Case("channel", T=200, K=32, V=16, H=2, chunk_size=32), 19.2),
+], ids=str)
+def test_per_channel_dq_dk_kernel_computes_dA_for_the_chunks_it_takes_whole(case, chunk_span, monkeypatch):
+    """With a per-channel K-side gate (no V-side one), the dq / dk kernel computes dA = dO V^T
+    from the do and v tiles it loads for the chunks it takes whole (`whole_chunk`), and the
+    scores-gradient kernel, told those chunks by the forward's chunk gates, writes dA only for
+    the others. Gates with chunks on both sides of the limit (`span_gates`; K blocks deciding
+    differently in one chunk where K > 32), a readout before the update, varlen: the
+    gradients are those of the scores-gradient path (fused_backward=0) to rounding, the rows
+    of the whole chunks stay poisoned (NaN) in the scores gradient, and the rest is written."""
+    from triton.runtime.jit import KernelInterface
+
+    from attnc.runtime.chunk_diag_op import ChunkDiagFunction
+
+    torch.manual_seed(5)
+    q, k, v, _, gv, h0, cu_seqlens = make_inputs(case)
+    B = q.shape[0]
+    g = span_gates(B, case.T, case.H, case.K, strong_channels_from=32 if case.K > 32 else None,
+                   chunk_span=chunk_span)
+    module = ChunkDiagFunction.module_for(kernel_spec(q, g, gv, case.exclusive))
+    options = dict(chunk_size=case.chunk_size, input_precision="ieee", poison=True)
+    o, ht, saved = module.forward(q, k, v, g, gv, h0, cu_seqlens, True, keep=True, **options)
+    assert saved.chunk_gate is not None
+    do, dht = torch.randn_like(o), torch.randn_like(ht)
+    written = []
+    launch_as_defined = KernelInterface.__getitem__
+
+    def launch(kernel, grid):
+        run = launch_as_defined(kernel, grid)
+        if not (getattr(kernel, "fn", kernel).__name__.endswith("_intra_scores_grad")):
+            return run
+
+        def keep_output(*args, **kwargs):
+            run(*args, **kwargs)
+            written.append(args[4].clone())  # the scores gradient, [B, T, H, chunk size]
+        return keep_output
+
+    def backward(fused):
+        written.clear()
+        monkeypatch.setattr(KernelInterface, "__getitem__", launch)
+        try:
+            grads = module.backward(q, k, v, saved.gate, gv, h0, cu_seqlens, do, dht, scale=0.7, saved=saved,
+                                    config={"fused_backward": fused}, **options)
+        finally:
+            monkeypatch.setattr(KernelInterface, "__getitem__", launch_as_defined)
+        (d_scores,) = written
+        return grads, d_scores
+
+    (fused, d_fused), (apart, d_apart) = backward(1), backward(0)
+    for label, a, b in zip("dq dk dv dg dgv dh0".split(), fused, apart):
+        assert (a is None) == (b is None), label
+        if a is not None:
+            assert torch.isfinite(a).all() and rel_rms(a, b) <= 1e-5, f"{label}: {rel_rms(a, b):.2e}"
+    assert torch.isfinite(d_apart).all()
+    # the chunks the dq / dk kernel takes whole in every K block ([chunks, H]: their span,
+    # -b_last, under the limit in every channel): no row of theirs written, every other row
+    whole = (-saved.chunk_gate).clamp_min(0).amax(-1) < 20.0
+    written_rows = d_fused.isfinite().all(-1)  # [B, T, H]
+    bounds = cu_seqlens.tolist() if case.seqlens else [0, case.T]
+    chunk = 0
+    for b in range(B):
+        for bos, eos in zip(bounds[:-1], bounds[1:]):
+            for start in range(bos, eos, case.chunk_size):
+                rows = written_rows[b, start:min(start + case.chunk_size, eos)]
+                assert (rows == ~whole[chunk]).all(), f"chunk {chunk}: whole {whole[chunk].tolist()}"
+                chunk += 1
+    assert chunk == whole.shape[0]
+    # (20.8: the full chunks over the limit, the short last one under it)
+    assert whole.any() and not whole.all(), "the gates do not take both paths"
 
 
 @pytest.mark.parametrize("case", [Case("scalar", T=100, K=80, V=16), Case("scalar", vgate=True, T=100, K=80, V=16),
