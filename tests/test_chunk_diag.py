@@ -1282,5 +1282,9 @@ def test_saved_tensors_must_fit_the_backward():
         module.backward(q, k, v, g, gv, h0, None, do, None, chunk_size=32, saved=saved._replace(gate=g[:, :32]))
     with pytest.raises(ValueError, match="saved.scores: expected the forward's intra-chunk scores"):
         module.backward(q, k, v, g, gv, h0, None, do, None, chunk_size=32, saved=saved._replace(scores=None))
+    with pytest.raises(ValueError, match=r"saved.chunk_gate: expected None or the chunk gates .* of shape "
+                                         r"\(2, 2, 16\), got shape \(1, 2, 16\)"):
+        module.backward(q, k, v, g, gv, h0, None, do, None, chunk_size=32,
+                        saved=saved._replace(chunk_gate=saved.chunk_gate[:1]))
     with pytest.raises(ValueError, match="expected the Saved that forward"):
         module.backward(q, k, v, g, gv, h0, None, do, None, chunk_size=32, saved=(saved.gate, None, None, 32))
