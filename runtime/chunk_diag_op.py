@@ -107,15 +107,18 @@ class ChunkDiagFunction(torch.autograd.Function):
                                       decay_check=decay_check, **options.as_kwargs())
         # The backward reuses the forward's cumulated gates (kept instead of the raw gates,
         # whose shapes and dtypes are all it needs of them, unless a gate map's derivative
-        # reads the raw input) and, with a per-channel gate, its intra-chunk scores. o is an
-        # output anyway; the V-side gate gradient needs it.
+        # reads the raw input) and, with a per-channel gate, its intra-chunk scores. A
+        # per-channel K-side gate is kept raw: the backward's state pass cumulates it again
+        # (bf16 g instead of an fp32 cumsum, and g is often held anyway). o is an output
+        # anyway; the V-side gate gradient needs it.
         # (with a scalar map its raw tensors, which the gate-gradient kernel reads, and the keys'
         # factor it computed) A long sequence's state pass in groups of chunks: their phase 1
         # (a state per group), which the backward's recompute of the chunk states starts from.
         # With a per-channel gate, each chunk's b_last (4 MB at 16 x 2048, K = 128), which
         # tells the backward's scores-gradient kernel the chunks the dq / dk kernel takes whole.
         groups = saved.groups.buffers() if saved.groups is not None else (None, None, None)
-        ctx.save_for_backward(q, k, v, saved.gate, g if spec.gate_map else None, saved.vgate, saved.scores,
+        raw_g = g if spec.gate_map or spec.gate == "channel" else None
+        ctx.save_for_backward(q, k, v, saved.gate, raw_g, saved.vgate, saved.scores,
                               h0, cu_seqlens, o if spec.vgate else None, None if residual is v else residual,
                               residual_scale, key_scale, saved.key_scale, saved.chunk_gate, *groups,
                               *scalar_inputs)
@@ -153,7 +156,8 @@ class ChunkDiagFunction(torch.autograd.Function):
         saved = module.Saved(gate, vgate, scores, ctx.saved_chunk_size, *ctx.gate_dtypes, mapped_key_scale, groups,
                              chunk_gate)
         # the cumulated gates stand in for the raw ones, whose shapes they have, except where a
-        # gate map's derivative reads the raw input, and a scalar map's raw tensors
+        # gate map's derivative reads the raw input or the gate is per channel, and a scalar
+        # map's raw tensors
         g = scalar_inputs if ctx.spec.scalar_map is not None else gate if raw_gate is None else raw_gate
         grads = module.backward(q, k, v, g, vgate, h0, cu_seqlens, do, dht, o=o, scale=ctx.scale,
                                 residual=residual, residual_scale=residual_scale, key_scale=key_scale,
