@@ -132,6 +132,7 @@ def _trace(args) -> int:
             reports.append({
                 "spec": op.name, "shape": {"B": B, "T": T, "H": H, **dims},
                 "phases": {phase: {"bytes": trace.bytes(phase),
+                                   "least_bytes": trace.least_bytes(phase),
                                    "floor_bytes": trace.floor_bytes.get(phase),
                                    **({"host_us": host[phase]} if phase in host else {}),
                                    "events": [_event_json(e) for e in trace.events
@@ -147,7 +148,10 @@ def _trace(args) -> int:
             launches = len(trace.launches(phase))
             passes = len(trace.torch_ops(phase))
             syncs = len(trace.host_syncs(phase))
-            print(f"  {phase}: {_mb(trace.bytes(phase)).strip()} moved{ratio}; {launches} kernel "
+            least = trace.least_bytes(phase)
+            least = f" ({_mb(least).strip()} where the gates make every chunk whole: less the tensors " \
+                    "marked *)" if least != trace.bytes(phase) else ""
+            print(f"  {phase}: {_mb(trace.bytes(phase)).strip()} moved{ratio}{least}; {launches} kernel "
                   f"launch{'es' if launches != 1 else ''}, {passes} PyTorch pass{'es' if passes != 1 else ''}"
                   f", {syncs} host sync{'s' if syncs != 1 else ''}")
             if phase in host:
@@ -158,7 +162,9 @@ def _trace(args) -> int:
                     continue
                 if isinstance(event, KernelLaunch):
                     grid = "x".join(map(str, event.grid))
-                    print(f"    kernel {event.name:38s}{_mb(event.tensor_bytes)}  grid {grid}")
+                    some = f"  * {', '.join(event.data_dependent)}: at least {_mb(event.least_bytes).strip()}" \
+                        if event.data_dependent else ""
+                    print(f"    kernel {event.name:38s}{_mb(event.tensor_bytes)}  grid {grid}{some}")
                 elif isinstance(event, HostSync):
                     print(f"    sync   {event.name:38s}(the host waits for the device)")
                 else:
@@ -186,8 +192,8 @@ def _event_json(event) -> dict:
     from .launches import HostSync, KernelLaunch
 
     if isinstance(event, KernelLaunch):
-        return {"kernel": event.name, "bytes": event.tensor_bytes, "grid": list(event.grid),
-                **event.options}
+        return {"kernel": event.name, "bytes": event.tensor_bytes, "least_bytes": event.least_bytes,
+                "data_dependent": list(event.data_dependent), "grid": list(event.grid), **event.options}
     if isinstance(event, HostSync):
         return {"host_sync": event.name}
     return {"torch": event.name, "bytes": event.bytes}

@@ -63,6 +63,23 @@ class KernelLaunch:
         one that reads part of a tensor moves less)."""
         return sum(a.nbytes for a in self.arguments.values() if isinstance(a, TensorArg))
 
+    @property
+    def data_dependent(self) -> tuple[str, ...]:
+        """The tensor parameters this launch touches only for some chunks, as the data
+        decide: those its module lists in DATA_DEPENDENT_TENSORS under this kernel, where
+        the constexpr named beside them is set in this launch (e.g. the per-channel scores
+        kernel stores the cumulated gate only for the chunks it takes by sub-chunks)."""
+        fn = getattr(self.kernel, "fn", self.kernel)
+        listed = getattr(fn, "__globals__", {}).get("DATA_DEPENDENT_TENSORS", {}).get(self.name, ())
+        return tuple(name for flag, names in listed if self.arguments.get(flag) for name in names
+                     if isinstance(self.arguments.get(name), TensorArg))
+
+    @property
+    def least_bytes(self) -> int:
+        """`tensor_bytes` without the data-dependent tensors: what the launch moves where
+        the data make it skip all of them."""
+        return self.tensor_bytes - sum(self.arguments[name].nbytes for name in self.data_dependent)
+
 
 @dataclass(frozen=True)
 class TorchOp:
@@ -112,6 +129,12 @@ class Trace:
     def bytes(self, phase: str) -> int:
         """Bytes moved in `phase`: the launches' tensor bytes plus the PyTorch ops'."""
         return (sum(k.tensor_bytes for k in self.launches(phase))
+                + sum(t.bytes for t in self.torch_ops(phase)))
+
+    def least_bytes(self, phase: str) -> int:
+        """`bytes` where the data make every launch skip its data-dependent tensors
+        (`KernelLaunch.least_bytes`)."""
+        return (sum(k.least_bytes for k in self.launches(phase))
                 + sum(t.bytes for t in self.torch_ops(phase)))
 
 

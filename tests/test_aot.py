@@ -51,6 +51,36 @@ def test_trace_records_the_gpu_launches_of_forward_backward_and_step():
     assert trace.bytes("forward") >= trace.floor_bytes["forward"]
 
 
+def test_trace_marks_the_tensors_the_gates_decide_whether_a_launch_touches():
+    """A per-channel gate's chunk spans decide which chunks are taken whole: the forward's
+    scores kernel stores the cumulated gate only for the others, the backward's
+    scores-gradient kernel skips them and the dq / dk kernel reads their dA from nowhere.
+    The trace lists those tensors as data-dependent and counts each phase without them too;
+    a spec without per-channel gates has none."""
+    trace = record(attnc.load("gla"), B=1, T=128, H=2, dims={"K": 32, "V": 32}, dtype=torch.bfloat16, step=False)
+    dependent = {k.name: k.data_dependent for k in trace.launches() if k.data_dependent}
+    assert dependent == {"gla_S_intra_scores": ("gate",), "gla_S_intra_scores_grad": ("do", "v", "scores"),
+                         "gla_S_chunk_dqdk": ("dscores",)}, dependent
+    scores = trace.launches("forward")[0]
+    assert scores.least_bytes == scores.tensor_bytes - scores.arguments["gate"].nbytes
+    for phase in ("forward", "backward"):
+        skipped = sum(k.arguments[n].nbytes for k in trace.launches(phase) for n in k.data_dependent)
+        assert trace.least_bytes(phase) == trace.bytes(phase) - skipped and skipped > 0, phase
+    # only where the launch's constexpr says so: fused_backward=0 takes dA from the scores
+    # gradient kernel for every chunk
+    apart = record(attnc.load("gla"), B=1, T=128, H=2, dims={"K": 32, "V": 32}, dtype=torch.bfloat16,
+                   step=False, config={"fused_backward": 0})
+    assert [k.name for k in apart.launches("backward") if k.data_dependent] == []
+    plain = record(attnc.load("mamba2"), B=1, T=128, H=2, dims={"K": 32, "V": 32}, step=False)
+    assert all(not k.data_dependent for k in plain.launches())
+    assert plain.least_bytes("backward") == plain.bytes("backward")
+    # the command line marks them and gives the lower figure
+    run = run_cli("trace", "gla", "--shape", "1,128,2,32,32")
+    assert run.returncode == 0, run.stderr
+    assert "where the gates make every chunk whole: less the tensors marked *" in run.stdout
+    assert "* do, v, scores: at least" in run.stdout
+
+
 @pytest.mark.parametrize("name", ["gla", "mamba2", "rwkv6"])
 def test_only_the_state_passes_run_sequentially_over_chunks(name):
     """At B = 1 and long T only the passes that carry a state from chunk to chunk may have a
