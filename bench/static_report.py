@@ -66,15 +66,22 @@ def main() -> int:
         lines.append("")
         if trace:
             lines += ["Bytes moved per call (kernels' tensor arguments plus PyTorch passes; "
-                      "the floor is reading the inputs and writing the outputs once):", "",
+                      "the floor is reading the inputs and writing the outputs once; in brackets, "
+                      "where the gates make every chunk whole: less the tensors a kernel touches "
+                      "only for the chunks the gates pick, `attnc trace`'s *):", "",
                       "| spec | forward MB | x floor | backward MB | decode step MB |",
                       "|---|---|---|---|---|"]
+
+            def megabytes(phase):
+                moved = phase.get("bytes", 0) / 1e6
+                least = phase.get("least_bytes", phase.get("bytes", 0)) / 1e6
+                return f"{moved:.1f}" + (f" ({least:.1f})" if f"{least:.1f}" != f"{moved:.1f}" else "")
             for report in trace:
                 phases = report["phases"]
                 fwd = phases["forward"]
-                lines.append(f"| {report['spec']} | {fwd['bytes'] / 1e6:.1f} | "
+                lines.append(f"| {report['spec']} | {megabytes(fwd)} | "
                              f"{fwd['bytes'] / fwd['floor_bytes']:.1f} | "
-                             f"{phases.get('backward', {}).get('bytes', 0) / 1e6:.1f} | "
+                             f"{megabytes(phases.get('backward', {}))} | "
                              f"{phases.get('step', {}).get('bytes', 0) / 1e6:.2f} |")
             lines.append("")
     args.out.parent.mkdir(parents=True, exist_ok=True)
