@@ -108,7 +108,7 @@ class ChunkDiagFunction(torch.autograd.Function):
         # The backward reuses the forward's cumulated gates (kept instead of the raw gates,
         # whose shapes and dtypes are all it needs of them, unless a gate map's derivative
         # reads the raw input) and, with a per-channel gate, its intra-chunk scores. A
-        # per-channel K-side gate is kept raw: the backward's state pass cumulates it again
+        # per-channel K-side gate is kept raw: the backward's cumsum pass cumulates it again
         # (bf16 g instead of an fp32 cumsum, and g is often held anyway). o is an output
         # anyway; the V-side gate gradient needs it.
         # (with a scalar map its raw tensors, which the gate-gradient kernel reads, and the keys'
