@@ -1309,7 +1309,7 @@ def test_saved_tensors_must_fit_the_backward():
     do = torch.randn_like(o)
     with pytest.raises(ValueError, match="chunk size 32, this backward runs with 64"):
         module.backward(q, k, v, g, gv, h0, None, do, None, saved=saved)
-    # a per-channel K-side gate is not kept (the backward's state pass cumulates g again)
+    # a per-channel K-side gate is not kept (the backward cumulates g again)
     with pytest.raises(ValueError, match=r"saved.gate: expected None \(a per-channel gate is not kept.*got a tensor "
                                          r"of shape \(1, 64, 2, 16\)"):
         module.backward(q, k, v, g, gv, h0, None, do, None, chunk_size=32, saved=saved._replace(gate=g))
