@@ -100,7 +100,13 @@ class LinVec:
     dim: str
 
 
-Value = Union[sp.Expr, MatVal, DiagVal, LinVec]
+@dataclass(frozen=True)
+class Unanalysed:
+    """A feature or gate the interpreter cannot express (a matrix summed to a scalar)."""
+    reason: str
+
+
+Value = Union[sp.Expr, MatVal, DiagVal, LinVec, Unanalysed]
 
 
 # ------------------------------------------------------------------ results
@@ -153,6 +159,7 @@ class ReadoutForm:
     shape: ir.Shape
     combinator: sp.Expr                  # elementwise over placeholders and per-token values
     linear: tuple[LinearReadout, ...]
+    reason: str = ""                     # why the analysis could not split it, if it could not
 
     @property
     def canonical(self) -> str:
@@ -252,7 +259,10 @@ class _Interpreter:
         if isinstance(e, ir.Num):
             return _number(e.value)
         if isinstance(e, ir.Name):
-            return self.env[e.id]
+            value = self.env[e.id]
+            if isinstance(value, Unanalysed):
+                raise NotAffine(f"it reads {value.reason}")
+            return value
         if isinstance(e, ir.Unary):
             return self.mul(sp.Integer(-1), self.eval(e.operand))
         if isinstance(e, ir.Binary):
@@ -491,7 +501,11 @@ def analyse(spec: ir.Spec) -> Analysis:
     readouts: list[ReadoutForm] = []
     for i, stmt in enumerate(spec.statements):
         if stmt.kind in ("feature", "gate"):
-            interp.env[stmt.target] = interp.eval(stmt.expr)
+            try:
+                interp.env[stmt.target] = interp.eval(stmt.expr)
+            except NotAffine as why:  # (`sum` of a matrix): what reads it cannot be analysed either
+                line = stmt.span.line if stmt.span else "?"
+                interp.env[stmt.target] = Unanalysed(f"{stmt.kind} `{stmt.target}`: {why} (line {line})")
             interp.shapes.setdefault(stmt.target, ())
         elif stmt.kind in ("decay", "update"):
             if stmt.target in broken:
@@ -512,7 +526,8 @@ def analyse(spec: ir.Spec) -> Analysis:
                 value = interp.eval(stmt.expr)
                 readouts.append(_readout_form(interp, stmt, value))
             except NotAffine as why:
-                readouts.append(ReadoutForm(stmt.target, (), sp.Symbol(f"<{why}>"), ()))
+                readouts.append(ReadoutForm(stmt.target, (), sp.Symbol(f"<{why}>"), (),
+                                            reason=f"{why} (line {stmt.span.line if stmt.span else '?'})"))
             interp.env = saved
 
     states = tuple(

@@ -85,7 +85,8 @@ def build_program(outputs: list[tuple[str, sp.Expr]], inputs: list[sp.Symbol],
 
 
 def forward_lines(program: Program) -> list[str]:
-    return [f"{s.target.name} = {torch_code(s.expr)}" for s in program.steps]
+    scalars = frozenset(c.name for c in program.constants)
+    return [f"{s.target.name} = {torch_code(s.expr, scalars)}" for s in program.steps]
 
 
 @dataclass(frozen=True)
@@ -142,17 +143,18 @@ def backward_lines(program: Program) -> list[str]:
     sums `g` down to the shape of `x` (scalars are [..., 1], weights [1, 1, H, D]).
     """
     lines: list[str] = []
+    scalars = frozenset(c.name for c in program.constants)
     for step, terms in gradient_terms(program):
         g = f"d_{step.target.name}"
         body = [f"d_{term.target.name} = accumulate(d_{term.target.name}, "
-                f"{_torch_term(term, g)}, {term.target.name})" for term in terms]
+                f"{_torch_term(term, g, scalars)}, {term.target.name})" for term in terms]
         if body:
             lines.append(f"if {g} is not None:")
             lines.extend("    " + b for b in body)
     return lines
 
 
-def _torch_term(term: Term, g: str) -> str:
+def _torch_term(term: Term, g: str, scalars: frozenset[str]) -> str:
     x = term.target.name
     if term.rule == "l2norm":
         y = term.source.name
@@ -160,4 +162,4 @@ def _torch_term(term: Term, g: str) -> str:
                 f" * torch.rsqrt(({x} * {x}).sum(-1, keepdim=True) + L2NORM_EPS)")
     if term.rule == "sum":
         return f"{g}.expand_as({x})"
-    return g if term.factor == 1 else f"{g} * {torch_factor(term.factor)}"
+    return g if term.factor == 1 else f"{g} * {torch_factor(term.factor, scalars)}"

@@ -174,6 +174,8 @@ def plan_chunks(analysis: Analysis) -> ChunkPlan:
         s = blocked[0]
         why = f": {s.reason}" if s.reason else ""
         raise NoChunkForm(f"`{analysis.spec.name}` is class {analysis.cls}: state `{s.name}`{why}")
+    _refuse_readouts_without_chunk_form(analysis)
+    _refuse_values_that_are_not_real(analysis)
     calls: list[ChunkCall] = []
     readouts_by_state: dict[str, list[LinearReadout]] = {}
     for r in analysis.readouts:
@@ -192,8 +194,65 @@ def plan_chunks(analysis: Analysis) -> ChunkPlan:
         for j, term in enumerate(terms):
             for i, lr in enumerate(reads):
                 calls.append(_call(len(calls), analysis, st, j, term, lr, first_read=(i == 0)))
+    _refuse_operands_without_a_dim(analysis, calls)
     calls, combinators = _fold_readout_factors(analysis, calls)
     return ChunkPlan(analysis, tuple(calls), combinators)
+
+
+def _refuse_operands_without_a_dim(analysis: Analysis, calls: list[ChunkCall]) -> None:
+    """A query, key or value that sympy simplified to a constant (`1 - sigmoid(f * 0)` is
+    1/2) no longer says which dim it spans, and a gate, beta or key scale made of numbers
+    and params (`decay S = 0.5 * S`) no tensor to compute it from: the prologue has nothing
+    to size them by."""
+    for call in calls:
+        for role in ("query", "key", "value"):
+            expr = getattr(call, role)
+            if expr is not None and not any(len(analysis.shapes.get(s.name, ())) == 1
+                                            for s in expr.free_symbols):
+                raise NoChunkForm(f"state `{call.state}`: its {role} comes out as `{expr}`, which reads "
+                                  "no vector, so its dim is unknown")
+        tensors = {i.name for i in analysis.spec.inputs} | {w.name for w in analysis.spec.weights}
+        for role in ("beta", "log_gate", "log_gate_v", "key_scale"):
+            expr = getattr(call, role)
+            if expr is not None and not {s.name for s in expr.free_symbols} & tensors:
+                # the prologue makes per-token tensors from inputs and weights only
+                raise NoChunkForm(f"state `{call.state}`: its {role.replace('_', ' ')} `{expr}` is made of "
+                                  "numbers and params only; the chunk kernels take it per token from "
+                                  "an input or a weight (no chunk form for a constant one yet)")
+
+
+def _refuse_readouts_without_chunk_form(analysis: Analysis) -> None:
+    """A readout the analysis could not split into linear readouts, or one that reads no
+    state and no per-token value (`(q @ S) - (q @ S)`), has no epilogue to compute it."""
+    for r in analysis.readouts:
+        if r.reason:
+            raise NoChunkForm(f"readout `{r.name}` is not a combination of linear readouts `w @ S`: "
+                              f"{r.reason}")
+        reads = {s.name for s in r.combinator.free_symbols} & {i.name for i in analysis.spec.inputs}
+        if not r.linear and not reads:
+            raise NoChunkForm(f"readout `{r.name}` comes out as the constant {r.combinator}: it reads "
+                              "no state and no per-token value")
+
+
+def _refuse_values_that_are_not_real(analysis: Analysis) -> None:
+    """sympy takes the log of a negative value (`log(-exp(x))`) as complex: the spec's
+    values are NaN there, and no kernel can print `I * pi`."""
+    for st in analysis.states:
+        parts = [st.log_gate, st.log_gate_v, st.delta_key, st.delta_beta, *(st.dplr or ())]
+        parts += [x for term in st.inputs for x in (term.x, term.y)]
+        for part in parts:
+            if part is not None and _not_real(part):
+                raise NoChunkForm(f"state `{st.name}`: `{part}` is not real (a log or a root of a "
+                                  "negative value)")
+    for r in analysis.readouts:
+        for part in (r.combinator, *(lr.query for lr in r.linear)):
+            if _not_real(part):
+                raise NoChunkForm(f"readout `{r.name}`: `{part}` is not real (a log or a root of a "
+                                  "negative value)")
+
+
+def _not_real(expr: sp.Expr) -> bool:
+    return expr.has(sp.I, sp.zoo, sp.nan, sp.oo, -sp.oo)
 
 
 def _fold_readout_factors(analysis: Analysis, calls: list[ChunkCall]):
@@ -207,6 +266,8 @@ def _fold_readout_factors(analysis: Analysis, calls: list[ChunkCall]):
         if len(r.linear) != 1 or len(r.shape) != 1:
             continue
         placeholder = r.linear[0].placeholder
+        if not r.combinator.is_polynomial(placeholder):  # nothing to fold, and simplify could
+            continue                                      # take minutes (exp(exp(... q @ S)))
         factor = sp.simplify(sp.diff(r.combinator, placeholder))
         rest = sp.simplify(r.combinator - factor * placeholder)
         residual = _residual_term(analysis, rest, r.shape) if rest != 0 else None

@@ -52,17 +52,26 @@ class softplus(sp.Function):
 
 
 class relu(sp.Function):
+    def _eval_is_real(self):
+        return self.args[0].is_real or None
+
     def fdiff(self, argindex=1):
         return sp.Heaviside(self.args[0], 0)
 
 
 class elu(sp.Function):
+    def _eval_is_real(self):
+        return self.args[0].is_real or None
+
     def fdiff(self, argindex=1):
         x = self.args[0]
         return sp.Piecewise((1, x > 0), (sp.exp(x), True))
 
 
 class silu(sp.Function):
+    def _eval_is_real(self):
+        return self.args[0].is_real or None
+
     def fdiff(self, argindex=1):
         x = self.args[0]
         s = sigmoid(x)

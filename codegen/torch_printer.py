@@ -24,6 +24,9 @@ _RELATIONS = {sp.StrictGreaterThan: ">", sp.GreaterThan: ">=", sp.StrictLessThan
               sp.LessThan: "<="}
 
 
+_EXACT_INTEGERS = 2**53  # the integers a float64 holds exactly
+
+
 def wrap(pair: tuple[str, int], need: int) -> str:
     text, prec = pair
     return f"({text})" if prec < need else text
@@ -70,7 +73,7 @@ class CodePrinter:
             return self.reduction(e), PREC_ATOM
         for fn, name in self.functions.items():
             if isinstance(e, fn):
-                return name.format(x=self.code(e.args[0])), PREC_ATOM
+                return name.format(x=self.argument(e.args[0])), PREC_ATOM
         raise NotImplementedError(f"no {self.target} printing for {type(e).__name__}: {e}")
 
     # ------------------------------------------------------------------ shared structure
@@ -112,10 +115,11 @@ class CodePrinter:
         return s.name
 
     def integer(self, n: int) -> str:
-        return str(n)
+        # beyond 2 ** 53 a float is as exact, and torch takes no Python int beyond int64
+        return str(n) if abs(n) <= _EXACT_INTEGERS else f"{float(n)!r}"
 
     def rational(self, e: sp.Rational) -> tuple[str, int]:
-        decimal = e.q in (2, 4, 8, 16, 32, 64, 5, 10, 20, 100)
+        decimal = e.q in (2, 4, 8, 16, 32, 64, 5, 10, 20, 100) or max(abs(e.p), e.q) > _EXACT_INTEGERS
         value = f"{float(e)!r}" if decimal else f"{int(e.p)} / {int(e.q)}"
         return value, (PREC_ATOM if "/" not in value and e >= 0 else PREC_MUL)
 
@@ -129,6 +133,10 @@ class CodePrinter:
             return f"1 / {wrap(self.print(base), PREC_POW)}", PREC_MUL
         text = f"{wrap(self.print(base), PREC_ATOM)} ** {wrap(self.print(exp), PREC_ATOM)}"
         return text, PREC_POW
+
+    def argument(self, e: sp.Expr) -> str:
+        """Code for the argument of an elementwise function."""
+        return self.code(e)
 
     def heaviside(self, x: str) -> str:
         return f"torch.heaviside({x}, torch.zeros_like({x}))"
@@ -161,14 +169,27 @@ class TorchPrinter(CodePrinter):
         rsqrt: "torch.rsqrt({x})",
     }
 
+    def __init__(self, scalars: frozenset[str] = frozenset()):
+        self.scalars = scalars  # names of symbols that are Python floats (params)
+
+    def argument(self, e: sp.Expr) -> str:
+        # torch's functions take tensors only: an argument made of numbers and params
+        # (log(2) in log(sigmoid(g) / 2), exp(scale)) gets a scalar tensor, which leaves
+        # the result's dtype alone
+        code = self.code(e)
+        if any(s.name not in self.scalars for s in e.free_symbols):
+            return code
+        return f"torch.as_tensor({code}, dtype=torch.float64)"
+
 
 _TORCH = TorchPrinter()
 
 
-def torch_code(expr: sp.Expr) -> str:
-    return _TORCH.code(expr)
+def torch_code(expr: sp.Expr, scalars: frozenset[str] = frozenset()) -> str:
+    """PyTorch code for `expr`; `scalars` names the symbols that are Python floats."""
+    return (TorchPrinter(scalars) if scalars else _TORCH).code(expr)
 
 
-def torch_factor(expr: sp.Expr) -> str:
+def torch_factor(expr: sp.Expr, scalars: frozenset[str] = frozenset()) -> str:
     """Code for `expr` as the right operand of `*` (parenthesised only when needed)."""
-    return _TORCH.factor(expr)
+    return (TorchPrinter(scalars) if scalars else _TORCH).factor(expr)

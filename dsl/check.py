@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import difflib
 import functools
+import math
 import re
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
 from . import ir
 from .errors import Diagnostic, SpecError, diagnostic
+from .evaluate import SCALAR_FUNCTIONS, evaluate_scalar
 from .ir import Shape
 from .printer import pretty_expr
 
@@ -27,6 +29,11 @@ RESERVED_WORDS = frozenset(
     {"attention", "end", "dims", "inputs", "param", "weight", "state", *ir.STATEMENT_KINDS}
 )
 _ELEMENTWISE_BINARY_OPS = ("+", "-", "*", "/")
+# Operators and calls nested inside one another, at most. The checks, the analysis (sympy)
+# and the emitters walk expressions recursively; shipped specs nest fewer than 10 deep.
+MAX_EXPRESSION_DEPTH = 64
+# Integer literals beyond int64 overflow torch's scalar arguments.
+_LARGEST_INTEGER = 2**63 - 1
 _VALUE_KINDS_A_FEATURE_MAY_REBIND = ("input", "feature", "gate")
 
 
@@ -248,6 +255,24 @@ def _walk(expr: ir.Expr):
             yield from _walk(argument)
 
 
+def _depth(expr: ir.Expr) -> int:
+    """How many operators and calls nest in `expr`. Iterative: the expression may be too
+    deep to recurse into."""
+    deepest, stack = 0, [(expr, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        children = (node.operand,) if isinstance(node, ir.Unary) else (
+            (node.left, node.right) if isinstance(node, ir.Binary) else
+            node.args if isinstance(node, ir.Call) else ())
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def _excerpt(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 # ---------------------------------------------------------------- spec checks
 @dataclass(frozen=True)
 class _Binding:
@@ -338,6 +363,8 @@ class _SpecChecker:
     def _check_params(self) -> None:
         for position, param in enumerate(self.spec.params):
             earlier = frozenset(p.name for p in self.spec.params[:position])
+            if not self._expression_is_sound(param.default):
+                continue
             resolve = functools.partial(self._resolve_in_param, param=param, earlier_params=earlier)
             _ShapeRules(resolve, self.report).shape(param.default)
 
@@ -359,12 +386,91 @@ class _SpecChecker:
                         "may use only dims, numbers and earlier params", name.span)
         return None
 
+    # ------------------------------------------------------------ numbers and nesting
+    def _expression_is_sound(self, expr: ir.Expr) -> bool:
+        """Report an expression nested too deeply, a number out of range, or a part made of
+        numbers only that has no finite value (`1 / 0`, `exp(1000)`); False if any was found,
+        and then nothing else of the expression is checked."""
+        depth = _depth(expr)
+        if depth > MAX_EXPRESSION_DEPTH:
+            self.report(f"this expression nests operators and calls {depth} levels deep; at most "
+                        f"{MAX_EXPRESSION_DEPTH} are supported: split it over several `feature` lines",
+                        expr.span)
+            return False
+        found = len(self.found)
+        for node in _walk(expr):
+            if isinstance(node, ir.Num):
+                self._check_number(node)
+        if len(self.found) == found:
+            self._fold_numbers(expr)
+        return len(self.found) == found
+
+    def _check_number(self, number: ir.Num) -> None:
+        value = number.value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self.report(f"`{value!r}` is not a number", number.span)
+        elif isinstance(value, int) and abs(value) > _LARGEST_INTEGER:
+            self.report(f"integer `{_excerpt(str(value))}` does not fit in 64 bits; write it as a float "
+                        f"(`{float(value):.6g}`)", number.span)
+        elif isinstance(value, float) and not math.isfinite(value):
+            self.report(f"number `{self._literal(number)}` is out of range: a 64-bit float holds "
+                        "finite values up to about 1.8e308", number.span)
+
+    def _literal(self, number: ir.Num) -> str:
+        """The number as written, where its span points into this spec's source."""
+        span = number.span
+        lines = self.spec.source.split("\n")
+        if span is not None and span.line == span.end_line and 1 <= span.line <= len(lines):
+            text = lines[span.line - 1][span.col - 1: span.end_col - 1]
+            if text:
+                return text
+        return repr(number.value)
+
+    def _fold_numbers(self, expr: ir.Expr) -> float | None:
+        """The value of `expr` if it is made of numbers only, else None; reports the
+        innermost such part without a finite value, and a division by such a part that is
+        zero. The recurrent kernels fold these parts at compile time."""
+        if isinstance(expr, ir.Num):
+            return float(expr.value)
+        if isinstance(expr, ir.Unary):
+            value = self._fold_numbers(expr.operand)
+            return None if value is None else -value
+        if isinstance(expr, ir.Binary):
+            left, right = self._fold_numbers(expr.left), self._fold_numbers(expr.right)
+            if expr.op == "/" and right == 0.0 and left is None:
+                self.report(f"`{_excerpt(pretty_expr(expr))}` divides by zero", expr.span)
+                return None
+            if left is None or right is None or expr.op == "@":
+                return None
+        elif isinstance(expr, ir.Call):
+            values = [self._fold_numbers(argument) for argument in expr.args]
+            if expr.func not in SCALAR_FUNCTIONS or len(values) != 1 or values[0] is None:
+                return None
+        else:
+            return None
+        try:
+            value = evaluate_scalar(expr, {})
+        except ZeroDivisionError:
+            problem = "divides by zero"
+        except OverflowError:
+            problem = "overflows a 64-bit float"
+        except ValueError:
+            problem = "has no finite real value"
+        else:
+            if math.isfinite(value):
+                return value
+            problem = "has no finite value" if math.isnan(value) else "overflows a 64-bit float"
+        self.report(f"`{_excerpt(pretty_expr(expr))}` {problem}", expr.span)
+        return None
+
     # ------------------------------------------------------------ statements
     def _check_statements(self) -> None:
         rewritten_states: set[str] = set()
         for position, statement in enumerate(self.spec.statements):
-            resolve = functools.partial(self._resolve, statement=statement, position=position)
-            shape = _ShapeRules(resolve, self.report).shape(statement.expr)
+            shape = None
+            if self._expression_is_sound(statement.expr):
+                resolve = functools.partial(self._resolve, statement=statement, position=position)
+                shape = _ShapeRules(resolve, self.report).shape(statement.expr)
             if statement.kind in ("feature", "gate"):
                 self._bind_value(statement, shape)
             elif statement.kind in ("decay", "update"):
@@ -372,6 +478,8 @@ class _SpecChecker:
                     rewritten_states.add(statement.target)
             elif statement.kind == "readout":
                 self._bind_output(statement, shape)
+                if shape is not None:
+                    self._check_output_varies(statement)
             else:
                 self.report(f"unknown statement kind `{statement.kind}`; expected one of "
                             f"{', '.join(ir.STATEMENT_KINDS)}", statement.span)
@@ -485,10 +593,19 @@ class _SpecChecker:
             return
         self.names[statement.target] = _Binding("output", shape, statement.span, statement)
 
+    def _check_output_varies(self, statement: ir.Statement) -> None:
+        """An output made of numbers, params and weights only is the same at every token."""
+        kinds = [self.names[node.id].kind if node.id in self.names else None
+                 for node in _walk(statement.expr) if isinstance(node, ir.Name)]
+        if all(kind in ("param", "weight") for kind in kinds):
+            self.report(f"readout `{statement.target}` reads no input, feature, gate or state, so it is "
+                        "the same at every token; an output must depend on the inputs or a state",
+                        statement.span)
+
     def _target_span(self, statement: ir.Statement) -> ir.Span | None:
         """The span of the target name in `kind target = expr`, found in the source."""
         span = statement.span
-        lines = self.spec.source.splitlines()
+        lines = self.spec.source.split("\n")  # lines as the parser counts them
         if span is None or not 1 <= span.line <= len(lines):
             return span
         line = lines[span.line - 1]

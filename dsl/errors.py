@@ -40,7 +40,9 @@ class SpecError(Exception):
 def diagnostic(message: str, span: Span | None, source: str = "") -> Diagnostic:
     line = ""
     if span is not None and source:
-        lines = source.splitlines()
+        lines = source.split("\n")  # as the parser counts lines: not at \r, \f or U+2028
         if 1 <= span.line <= len(lines):
-            line = lines[span.line - 1]
+            # control characters would garble a terminal: one visible mark each keeps the caret
+            line = "".join(c if c.isprintable() or c == "\t" else "\ufffd"
+                           for c in lines[span.line - 1].rstrip("\r"))
     return Diagnostic(message, span, line)

@@ -10,9 +10,10 @@ from __future__ import annotations
 import difflib
 import functools
 import re
+import unicodedata
 from pathlib import Path
 
-from lark import Lark, Token, Transformer, v_args
+from lark import Lark, Token, Transformer_NonRecursive, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
 from . import ir
@@ -79,8 +80,11 @@ def _binary_builder(op: str):
     return build
 
 
-class _IRBuilder(Transformer):
-    """Turns the lark tree of one file into IR nodes, each with its source span."""
+class _IRBuilder(Transformer_NonRecursive):
+    """Turns the lark tree of one file into IR nodes, each with its source span.
+
+    Non-recursive, so an expression nested too deeply reaches `check`, which says so at its
+    line, rather than overflowing Python's stack here."""
 
     def __init__(self, text: str, filename: str):
         super().__init__()
@@ -201,7 +205,19 @@ def _syntax_error(error: UnexpectedInput, text: str, filename: str) -> SpecError
 def _unexpected_character(error: UnexpectedCharacters, text: str, filename: str):
     span = ir.Span(filename, error.line, error.column, error.line, error.column + 1)
     expected = _readable_expected(_acceptable_terminals(error, error.allowed))
-    return f"unexpected character `{error.char}`; expected {expected}", span
+    return f"unexpected character {_describe_character(error.char)}; expected {expected}", span
+
+
+def _describe_character(char: str) -> str:
+    """`$`; or, for a character that does not show as itself (a control character, a
+    no-break space, a byte-order mark, a combining accent), its code point and name."""
+    if char.isprintable() and not char.isspace() and not unicodedata.category(char).startswith("M"):
+        return f"`{char}`"
+    name = unicodedata.name(char, "").lower() or _CONTROL_CHARACTERS.get(char, "a control character")
+    return f"U+{ord(char):04X} ({name})"
+
+
+_CONTROL_CHARACTERS = {"\t": "tab", "\r": "carriage return", "\v": "vertical tab", "\x00": "a NUL byte"}
 
 
 def _unexpected_token(error: UnexpectedToken, text: str, filename: str):
@@ -276,7 +292,7 @@ def _token_span(token: Token, text: str, filename: str) -> ir.Span:
 
 def _end_of_text(text: str) -> tuple[int, int]:
     """Just past the last non-blank character: where a missing `end` belongs."""
-    lines = text.splitlines()
+    lines = text.split("\n")
     for number in range(len(lines), 0, -1):
         content = lines[number - 1].rstrip()
         if content:

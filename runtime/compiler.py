@@ -21,14 +21,28 @@ def read_spec(source: str | Path) -> tuple[str, str]:
     """(text, filename) for a path, a shipped spec name, or spec text itself."""
     if isinstance(source, Path):
         return source.read_text(), str(source)
-    if "\n" not in source and source.strip() and not source.lstrip().startswith("attention"):
+    one_line = not any(c in _LINE_BREAKS for c in source)
+    if one_line and source.strip() and not source.lstrip().startswith("attention"):
         path = Path(source)
-        if path.suffix == ".attn" or path.exists():
-            if not path.exists():
+        if path.suffix == ".attn" or _is_file(path):
+            if not _is_file(path):
                 raise FileNotFoundError(f"no spec file {source!r}")
             return path.read_text(), str(path)
         return shipped_spec_text(source), f"specs/{source}.attn"
     return source, "<spec>"
+
+
+# where str.splitlines breaks: text with any of them is spec text, not a name or a path
+_LINE_BREAKS = frozenset("\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029")
+
+
+def _is_file(path: Path) -> bool:
+    """Whether `path` names an existing file; False for text no file can have as its name
+    (too long, a NUL byte), rather than the OSError or ValueError the OS answers with."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
 
 
 def shipped_specs() -> list[str]:

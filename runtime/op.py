@@ -444,13 +444,40 @@ def _torch_function(gate):
 
     functions = {"exp": torch.exp, "log": torch.log, "sqrt": torch.sqrt, "Abs": torch.abs,
                  "tanh": torch.tanh, "sigmoid": torch.sigmoid, "logsigmoid": F.logsigmoid,
-                 "softplus": F.softplus, "relu": torch.relu, "elu": F.elu, "silu": F.silu}
+                 "softplus": F.softplus, "relu": torch.relu, "elu": F.elu, "silu": F.silu,
+                 "rsqrt": torch.rsqrt}
+    # a gate's constant parts reach them as Python numbers (`log(3)` in log(3 * sigmoid(g)))
+    functions = {name: _on_tensors(f) for name, f in functions.items()}
+    functions["l2norm"] = _l2norm  # vectors: [B, T, H, D]
+    unknown = {type(f).__name__ for f in gate.atoms(sp.Function)} - set(functions)
+    if unknown:  # lambdify would fail only when called (a NameError)
+        log.debug("log gate %s has no torch function here: %s", gate, ", ".join(sorted(unknown)))
+        return (), None
+    # an integer beyond int64 (a float literal such as 1e38 in sympy) is no torch scalar
+    gate = gate.xreplace({n: sp.Float(n) for n in gate.atoms(sp.Integer) if abs(n) > 2**53})
     symbols = sorted(gate.free_symbols, key=lambda symbol: symbol.name)
     try:
         return tuple(symbol.name for symbol in symbols), sp.lambdify(symbols, gate, modules=[functions])
     except (NameError, TypeError) as err:
         log.debug("log gate %s has no torch function here: %s", gate, err)
         return (), None
+
+
+def _l2norm(x):
+    import torch
+
+    from ..codegen.reference import L2NORM_EPS
+
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + L2NORM_EPS)
+
+
+def _on_tensors(f):
+    """`f`, taking a Python number as a float64 scalar tensor, as torch's functions do not."""
+    import torch
+
+    def on_tensors(x):
+        return f(x if torch.is_tensor(x) else torch.tensor(float(x), dtype=torch.float64))
+    return on_tensors
 
 
 def _capturing(device) -> bool:

@@ -195,3 +195,126 @@ def test_cli_check_all_shipped_specs_fast(tmp_path):
     assert report["gla"]["inputs"][0] == {"name": "q", "shape": ["K"]}
     assert report["gla"]["states"][0]["name"] == "S"
     assert elapsed < 2.0, f"attnc check took {elapsed:.2f} s"
+
+
+# ---------------------------------------------------------------- found by tests/fuzz_specs.py
+from attnc.runtime.compiler import NotChunkParallelWarning  # noqa: E402
+
+GLA_HEADER = "  dims K, V\n  inputs q[K], k[K], v[V], g[K]"
+
+
+def _compile_quietly(text):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotChunkParallelWarning)
+        return attnc.compile(text)
+
+
+def _torch_path_matches_reference(op):
+    from attnc.runtime.verify import verify
+
+    result = verify(op, B=1, T=20, H=2, K=8, V=8, backend="torch", chunk_size=16)
+    assert result.ok, result.errors
+
+
+def test_gate_summing_a_matrix_is_not_chunk_parallel():
+    # was NotAffine ("sum() over a matrix or a state") escaping from the analysis at compile
+    a = _analyse(_spec("  dims K, V\n  inputs C[K], B[K], x[V], dt[V]\n  weight A_log[K, V]",
+                       "  gate a = sum(exp(-exp(A_log) @ diag(dt)))\n  state S[K, V]\n  decay S = a * S\n"
+                       "  update S = S + outer(B, x)\n  readout y = C @ S"))
+    (s,) = a.states
+    assert s.cls == "other" and "it reads gate `a`: sum() over a matrix or a state (line 5)" in s.reason
+
+
+@pytest.mark.parametrize("readout, reason", [
+    # were a KeyError and a jinja2 UndefinedError writing the plan's epilogue at the first call
+    ("readout p = outer(q, v) @ diag(v)", "readout `p` is not a combination of linear readouts"),
+    ("readout p = (q @ S) - (q @ S)", "readout `p` comes out as the constant 0"),
+])
+def test_readouts_without_a_chunk_form_take_the_recurrent_path(readout, reason):
+    text = _spec(GLA_HEADER, "  state S[K, V]\n  decay S = diag(exp(g)) @ S\n  update S = S + outer(k, v)\n"
+                 f"  readout o = q @ S\n  {readout}")
+    with pytest.warns(NotChunkParallelWarning, match="not chunk-parallel"):
+        op = attnc.compile(text)
+    assert reason in op.no_chunk_form
+    _torch_path_matches_reference(op)
+
+
+def test_gate_with_a_complex_log_takes_the_recurrent_path():
+    # log of a negative value: sympy's I*pi reached the code printers (NotImplementedError)
+    text = _spec("  dims K, V\n  inputs C[K], B[K], x[V], dt\n  weight A_log",
+                 "  gate a = log(-exp(A_log) * softplus(dt))\n  state S[K, V]\n  decay S = a * S\n"
+                 "  update S = S + outer(B, x)\n  readout y = C @ S")
+    with pytest.warns(NotChunkParallelWarning):
+        op = attnc.compile(text)
+    assert "is not real (a log or a root of a negative value)" in op.no_chunk_form
+
+
+def test_operand_simplified_to_a_constant_takes_the_recurrent_path():
+    # the key 1 - sigmoid(f * 0) is a constant: the prologue had no input to size it by (jinja2 error)
+    text = _spec("  dims K, V\n  inputs q[K], f[K], v[V]",
+                 "  gate a = sigmoid(f * 0)\n  state S[K, V]\n  decay S = diag(a) @ S\n"
+                 "  update S = S + outer(1 - a, v)\n  readout o = q @ S")
+    with pytest.warns(NotChunkParallelWarning):
+        op = attnc.compile(text)
+    assert "its key comes out as `1 - sigmoid(0)`, which reads no vector" in op.no_chunk_form
+    _torch_path_matches_reference(op)
+
+
+@pytest.mark.parametrize("header, body", [
+    # torch.log(2): a constant part of the log gate reached torch as a Python int (TypeError)
+    (GLA_HEADER, "  gate a = exp(logsigmoid(g)) / 2\n  state S[K, V]\n  decay S = diag(a) @ S\n"
+                 "  update S = S + outer(k, v)\n  readout o = q @ S"),
+    # torch.exp(scale): a param is a Python float in the prologue (TypeError)
+    ("  dims K, V\n  inputs q[K], k[K], v[V]\n  param scale = 0.5",
+     "  feature q = elu(q) * exp(scale)\n  state S[K, V]\n  update S = S + outer(k, v)\n  readout o = q @ S"),
+    # 1e20 became the integer 10**20 in the query map, which torch cannot convert (OverflowError)
+    ("  dims K, V\n  inputs q[K], k[K], v[V]",
+     "  feature q = (elu(q) + 1) * 1e20\n  state S[K, V]\n  update S = S + outer(k, v)\n  readout o = q @ S"),
+])
+def test_constants_in_generated_pytorch_code(header, body):
+    _torch_path_matches_reference(_compile_quietly(_spec(header, body)))
+
+
+def test_growing_decay_with_a_constant_factor_is_refused_by_the_decay_check():
+    # the check's torch function of logsigmoid(g) + log(3) called torch.log(3) (TypeError)
+    op = _compile_quietly(_spec(GLA_HEADER, "  gate a = 3 * exp(logsigmoid(g))\n  state S[K, V]\n"
+                                "  decay S = diag(a) @ S\n  update S = S + outer(k, v)\n  readout o = q @ S"))
+    with pytest.raises(ValueError, match=r"decays by exp\(logsigmoid\(g\) \+ log\(3\)\)"):
+        _torch_path_matches_reference(op)
+
+
+def test_abs_of_a_feature_map_differentiates_to_printable_code():
+    # d/dx abs(elu(x) + 1) was re(elu(x))... : no Triton printing for `re`
+    op = _compile_quietly(_spec("  dims K, V\n  inputs q[K], k[K], v[V]",
+                                "  feature k = abs(elu(k) + 1)\n  state S[K, V]\n"
+                                "  update S = S + outer(k, v)\n  readout o = q @ S"))
+    assert any("_sign(" in source or "sign" in source for source in op.sources().values())
+    _torch_path_matches_reference(op)
+
+
+@pytest.mark.parametrize("rewrite", [
+    "  decay S = 0.5 * S\n  update S = S + outer(k, v)",            # jinja2 UndefinedError: a prologue with no input
+    "  update S = S + scale * outer(k, v - k @ S)",                 # KeyError 'scale' in the fused prologue
+])
+def test_constant_gate_or_beta_takes_the_recurrent_path(rewrite):
+    text = _spec("  dims K, V\n  inputs q[K], k[K], v[V]\n  param scale = 0.5",
+                 f"  state S[K, V]\n{rewrite}\n  readout o = q @ S")
+    with pytest.warns(NotChunkParallelWarning):
+        op = attnc.compile(text)
+    assert "is made of numbers and params only" in op.no_chunk_form
+    _torch_path_matches_reference(op)
+
+
+def test_readout_nested_in_functions_plans_quickly():
+    # sympy simplified the derivative of exp(exp(...(q @ S))) for minutes (over 20 s per case)
+    from attnc.codegen.plan import plan_chunks
+
+    readout = "exp(" * 20 + "q @ S" + ")" * 20
+    op = _compile_quietly(_spec("  dims K, V\n  inputs q[K], k[K], v[V]",
+                                f"  state S[K, V]\n  update S = S + outer(k, v)\n  readout o = {readout}"))
+    start = time.perf_counter()
+    plan = plan_chunks(op.analysis)
+    assert time.perf_counter() - start < 5.0
+    assert not plan.calls[0].direct  # no factor to fold into the kernel

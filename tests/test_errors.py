@@ -319,6 +319,87 @@ def test_structural_function_argument_shapes(call, phrase):
     assert_reports(error, 11, 15, phrase)
 
 
+# ---------------------------------------------------------------- numbers and nesting (found by tests/fuzz_specs.py)
+def test_number_beyond_a_float():
+    # was a sympy TypeError ("invalid input: inf") in the analysis
+    error = error_of(variant("q * scale", "q * 1e400"))
+    assert_reports(error, 5, 19, "number `1e400` is out of range: a 64-bit float holds finite values", 5)
+
+
+def test_integer_beyond_64_bits():
+    # was an OverflowError ("int too big to convert") from torch at the first call
+    error = error_of(variant("q * scale", "q * 99999999999999999999999"))
+    assert_reports(error, 5, 19, "integer `99999999999999999999999` does not fit in 64 bits; "
+                                 "write it as a float (`1e+23`)", 23)
+
+
+@pytest.mark.parametrize("constant, phrase", [
+    ("(1 / 0)", "`1 / 0` divides by zero"),       # was a ZeroDivisionError rendering the recurrent kernel
+    ("exp(1000)", "`exp(1000)` overflows a 64-bit float"),
+    ("sqrt(-1)", "`sqrt(-1)` has no finite real value"),
+    ("9 ** 9 ** 9", "`9 ** 9 ** 9` overflows a 64-bit float"),
+])
+def test_constant_without_a_finite_value(constant, phrase):
+    error = error_of(variant("q * scale", f"q * {constant}"))
+    assert_reports(error, 5, 19 + constant.startswith("("), phrase)
+
+
+def test_division_by_a_constant_zero():
+    error = error_of(variant("q * scale", "q / (2 - 2)"))
+    assert_reports(error, 5, 15, "`q / (2 - 2)` divides by zero")
+
+
+@pytest.mark.parametrize("nested", ["-" * 3000 + "q", "exp(" * 3000 + "q" + ")" * 3000,
+                                    " + ".join(["q"] * 65)])
+def test_expression_nested_too_deeply(nested):
+    # was a RecursionError in lark's tree transformer, or in sympy during the analysis
+    error = error_of(variant("q * scale", nested))
+    assert_reports(error, 5, 15, "this expression nests operators and calls")
+    assert "at most 64 are supported: split it over several `feature` lines" in str(error)
+
+
+def test_nesting_up_to_the_limit_is_fine():
+    assert parse(variant("q * scale", " + ".join(["q"] * 64)))
+
+
+def test_readout_that_reads_no_token_value():
+    # was an AttributeError ('int' object has no attribute 'squeeze') at the first call
+    error = error_of(variant("readout o = q @ S", "readout o = q @ S\n  readout p = 2 * scale"))
+    assert_reports(error, 11, 3, "readout `p` reads no input, feature, gate or state, so it is the "
+                                 "same at every token")
+
+
+# ---------------------------------------------------------------- characters and line breaks
+def test_line_separators_other_than_newline_keep_the_shown_line():
+    # a form feed or U+2028 in a comment is no line break to the parser; the caret display
+    # used to count it as one and show the wrong line (or none)
+    text = variant("dims K, V", "dims K, V  # a\fb\u2028c").replace("q * scale", "q $ scale")
+    error = error_of(text)
+    assert_reports(error, 5, 17, "unexpected character `$`")
+    assert error.diagnostics[0].source_line == "  feature q = q $ scale"
+
+
+@pytest.mark.parametrize("character, words", [
+    ("\u00a0", "U+00A0 (no-break space)"),
+    ("\r", "U+000D (carriage return)"),
+    ("\x00", "U+0000 (a NUL byte)"),
+    ("\ufeff", "U+FEFF (zero width no-break space)"),
+])
+def test_invisible_character_is_named(character, words):
+    error = error_of(variant("q * scale", f"q *{character}scale"))
+    assert_reports(error, 5, 18, f"unexpected character {words}; expected an expression", 1)
+    assert character not in str(error), "a control character would garble the terminal"
+
+
+def test_spec_text_with_carriage_returns_only_is_read_as_a_spec():
+    # text without "\n" was taken for a file name: OSError "File name too long"
+    import attnc
+
+    with pytest.raises(SpecError) as caught:
+        attnc.compile(VALID.replace("\n", "\r"))
+    assert str(caught.value).startswith("<spec>:1:14: error: unexpected character U+000D (carriage return)")
+
+
 # ---------------------------------------------------------------- several at once
 def test_all_semantic_errors_are_reported_together():
     text = variant("q * scale", "qq * scale")
