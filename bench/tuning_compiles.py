@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import os
 import sys
 import tempfile
 import time
 import warnings
+from pathlib import Path
 
 
 class NoGpuDriver:
@@ -44,6 +46,8 @@ def main(argv=None) -> int:
     parser.add_argument("--shape", default="16,2048,16,128", help="B,T,H,D (K = V = D)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--count-only", action="store_true", help="capture, do not compile")
+    parser.add_argument("--json", type=Path, help="write each compile's kernel, options and "
+                        "seconds to this file")
     args = parser.parse_args(argv)
     B, T, H, D = (int(x) for x in args.shape.split(","))
     os.environ["TRITON_INTERPRET"] = "0"
@@ -92,6 +96,10 @@ def main(argv=None) -> int:
         print(f"  {result.seconds:5.1f} s  {result.job.label}")
     for result in failed[:5]:
         print(f"  failed: {result.job.label}: {result.error}")
+    if args.json:
+        args.json.write_text(json.dumps([
+            {"kernel": r.job.name, "options": r.job.options, "constexprs": {str(k): v for k, v in r.job.constexprs.items()},
+             "seconds": r.seconds, "error": r.error} for r in results], indent=1, default=str))
     return 1 if failed or len(results) < len(jobs) else 0
 
 

@@ -466,6 +466,17 @@ def test_diagonal_sub_blocks_factored_where_their_span_allows(case, fused, diag_
     check_configs_against_the_recurrence(case, inputs, configs)
 
 
+# Chunks of 128 tokens (a tuning candidate): the dq / dk kernel goes over their eight
+# sub-chunks in a runtime loop, the sub-chunk's position a runtime value (four or fewer stay
+# unrolled). span_gates' 64-token halves make every chunk go by sub-chunks, factored and
+# exact ones in turn, from the first.
+def test_eight_sub_chunks_in_a_loop():
+    case = Case("channel", T=200, K=32, V=16, H=1, chunk_size=128)
+    inputs = list(make_inputs(case))
+    inputs[3] = span_gates(inputs[0].shape[0], case.T, case.H, case.K, chunk_span=19.2)
+    check_configs_against_the_recurrence(case, inputs, [{}, {"exact_diag": 1, "diag_loop": 1}])
+
+
 # A forward keeps no cumulated per-channel gate, whether a backward follows or not: the
 # scores kernel computes it in registers for the chunks it takes whole and stores only those
 # it takes by sub-chunks, which read it back row by row; nothing after the scores kernel
