@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .chunk_diag import LOG_GATE_FLOOR, floored
 from .reference import L2NORM_EPS
 from .templating import environment
 
@@ -51,7 +52,8 @@ class DeltaKernelSpec:
 def render(spec: DeltaKernelSpec) -> str:
     """Source of a module with the forward/backward kernels and launchers for `spec`."""
     template = environment().get_template("chunk_delta.py.jinja")
-    return template.render(name=spec.name, gate=spec.gate, eps=repr(L2NORM_EPS))
+    return template.render(name=spec.name, gate=spec.gate, eps=repr(L2NORM_EPS),
+                           log_gate_floor=repr(LOG_GATE_FLOOR))
 
 
 # ---------------------------------------------------------------------------------------
@@ -117,6 +119,7 @@ def _chunk_delta_dense(q, k, v, beta, g, h0, chunk_size):
         qk = (q @ k.transpose(-1, -2)) * causal
         k_read, k_to_end, q_read, chunk_decay = k, k, q, None
     else:
+        g = floored(g)
         b = chunked(g if g.dim() == 4 else g[..., None]).cumsum(-2)           # [B, H, NT, C, 1 | K]
         b_last = b[..., -1:, :]
         if g.dim() == 3:

@@ -21,6 +21,24 @@ GATE_KINDS = ("none", "scalar", "channel")
 # Rows of a secondary sub-chunk (per-channel gates); must match SUB_CHUNK in the template.
 SUB_CHUNK = 16
 
+# The chunk forms (both families, kernels and the PyTorch paths below) read every log gate
+# as max(g, LOG_GATE_FLOOR). Each decay they take is a difference of in-chunk fp32 sums of
+# log gates, and a token far below the others (a reset, g = -1e6) leaves the sums after it
+# without the digits of the ordinary gates: one such token gave hgrn2's outputs 1.5e-2
+# relative errors, and a few gave every gated shipped spec 1e-2 to 5e-2. exp(-110) ~ 1.7e-48
+# is 0 in fp32 (below half the smallest subnormal, e^-103.97), so every decay across a
+# token at the floor is still exactly 0, as with its own gate, and the sums stay small: a
+# chunk of 64 tokens at the floor reaches -7040, where fp32 keeps 5e-4 of a decay's
+# exponent. Below the floor a log gate's gradient is 0 (a clamp's) where the kernels
+# compute the gate from a raw input (gate_map, scalar_map) and in the PyTorch paths; a gate
+# passed as it is takes the chunk forms' gradient, which no decay across the token feeds.
+LOG_GATE_FLOOR = -110.0
+
+
+def floored(g: torch.Tensor | None) -> torch.Tensor | None:
+    """g read as the chunk forms read log gates: max(g, LOG_GATE_FLOOR), NaN kept."""
+    return None if g is None else g.clamp_min(LOG_GATE_FLOOR)
+
 
 @dataclass(frozen=True)
 class ScalarMapCode:
@@ -130,7 +148,7 @@ def render(spec: DiagKernelSpec) -> str:
                            gate_map=spec.gate_map, gate_map_grad=spec.gate_map_grad,
                            query_map=spec.query_map, query_map_grad=spec.query_map_grad,
                            key_map=spec.key_map, key_map_grad=spec.key_map_grad,
-                           scalar_map=spec.scalar_map)
+                           scalar_map=spec.scalar_map, log_gate_floor=repr(LOG_GATE_FLOOR))
 
 
 # ---------------------------------------------------------------------------------------
@@ -245,6 +263,7 @@ def _chunk_diag_dense(q, k, v, g, gv, h0, exclusive, chunk_size):
         return x.view(B, NT, C, H, -1).permute(0, 3, 1, 2, 4)
 
     q, k, v = chunked(q), chunked(k), chunked(v)
+    g, gv = floored(g), floored(gv)
     write = chunked(g if g.dim() == 4 else g[..., None]).cumsum(-2) if g is not None else None
     vwrite = chunked(gv).cumsum(-2) if gv is not None else None
     read = _read_gate(write, exclusive) if write is not None else None

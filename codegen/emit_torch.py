@@ -11,6 +11,7 @@ import sympy as sp
 
 from ..dsl.printer import pretty
 from .elementwise import Program, backward_lines, build_program, forward_lines
+from .chunk_diag import LOG_GATE_FLOOR
 from .emit_elementwise import render_elementwise
 from .plan import ChunkPlan
 from .templating import environment
@@ -106,6 +107,16 @@ class ElementwiseParts:
         return f'ops["{name}"]'
 
 
+def _floored(log_gate: sp.Expr) -> sp.Expr:
+    """A log gate the prologue computes, as the chunk kernels read it: at LOG_GATE_FLOOR
+    where it is below (codegen/chunk_diag.py), so that its gradient there is 0. The kernels
+    hand a log gate's gradient back as their chunk forms give it: for a token below the
+    floor that is what the rounding of terms that cancel leaves, and the derivative of the
+    prologue's map (-exp(w) * c: -exp(w) * c itself, -1e6) would scale it up."""
+    floor = sp.Float(LOG_GATE_FLOOR)
+    return sp.Piecewise((floor, log_gate < floor), (log_gate, True))
+
+
 def elementwise_parts(plan: ChunkPlan) -> ElementwiseParts:
     """The prologue (inputs -> kernel operands of every chunk call) and the epilogue
     (linear readouts + inputs -> outputs) of a plan, as elementwise programs. An operand
@@ -143,7 +154,7 @@ def elementwise_parts(plan: ChunkPlan) -> ElementwiseParts:
             if isinstance(expr, sp.Symbol) and expr.name in tensors:
                 passed[names[role]] = arguments[expr.name]
             else:
-                operands.append((names[role], expr))
+                operands.append((names[role], _floored(expr) if role in ("log_gate", "log_gate_v") else expr))
         call_vars.append(names)
     prologue = _program("Prologue", operands, tensors, floats)
     placeholders = sorted({_py_name(lr.placeholder.name) for r in analysis.readouts
