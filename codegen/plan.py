@@ -16,11 +16,23 @@ from dataclasses import dataclass
 import sympy as sp
 
 from .analysis import FAMILY, Analysis, LinearReadout, StateForm
-from .symbols import dot, l2norm, normalize, vsum
+from .symbols import dot, l2norm, nesting, normalize, vsum
 
 
 class NoChunkForm(NotImplementedError):
     """The spec's class has no chunk template (yet)."""
+
+
+# sp.simplify's time grows about 3x with each level of nested functions (mamba2 with its
+# delta inside 16 exps took 4 s to plan, 20 about a minute). Deeper expressions are taken
+# in the form sympy builds them in: what only simplify would have found (a key's scalar
+# factor, a readout's scale) is then missed, and the plan keeps a prologue operand or an
+# epilogue instead.
+SIMPLIFY_MAX_NESTING = 8
+
+
+def _simplified(expr: sp.Expr) -> sp.Expr:
+    return sp.simplify(expr) if nesting(expr) <= SIMPLIFY_MAX_NESTING else expr
 
 
 @dataclass(frozen=True)
@@ -268,8 +280,8 @@ def _fold_readout_factors(analysis: Analysis, calls: list[ChunkCall]):
         placeholder = r.linear[0].placeholder
         if not r.combinator.is_polynomial(placeholder):  # nothing to fold, and simplify could
             continue                                      # take minutes (exp(exp(... q @ S)))
-        factor = sp.simplify(sp.diff(r.combinator, placeholder))
-        rest = sp.simplify(r.combinator - factor * placeholder)
+        factor = _simplified(sp.diff(r.combinator, placeholder))
+        rest = _simplified(r.combinator - factor * placeholder)
         residual = _residual_term(analysis, rest, r.shape) if rest != 0 else None
         writers = [i for i, c in enumerate(calls) if c.readout == placeholder.name]
         shared = any(placeholder in other.combinator.free_symbols
@@ -300,8 +312,8 @@ def _residual_term(analysis: Analysis, term: sp.Expr, shape) -> tuple[str, sp.Ex
     if len(streamed) != 1 or tuple(inputs[streamed[0].name].shape) != tuple(shape):
         return None
     (u,) = streamed
-    c = sp.simplify(term / u)
-    if c.has(u) or c == 0 or sp.simplify(term - c * u) != 0:
+    c = _simplified(term / u)
+    if c.has(u) or c == 0 or _simplified(term - c * u) != 0:
         return None
     for s in c.free_symbols:
         if s.name in params:
@@ -323,7 +335,7 @@ def _delta_calls(start: int, analysis: Analysis, st: StateForm, reads) -> list[C
                           "kernels take one, beta * outer(k, v)")
     (term,) = st.inputs
     # the write must use the same key and step size as the erase: x = beta * k
-    ratio = sp.simplify(term.x / (st.delta_beta * st.delta_key))
+    ratio = _simplified(term.x / (st.delta_beta * st.delta_key))
     if ratio.free_symbols or ratio == 0:
         raise NoChunkForm(f"delta state `{st.name}` writes outer({term.x}, ...) but erases along "
                           f"{st.delta_key} with beta {st.delta_beta}; the delta kernels need "
@@ -368,9 +380,9 @@ def _scaled_l2norm(analysis: Analysis, expr: sp.Expr) -> tuple[sp.Symbol, sp.Exp
     if len(norms) != 1:
         return None
     (norm,) = norms
-    c = sp.simplify(expr / norm)
+    c = _simplified(expr / norm)
     if c.has(norm) or c == 0 or {x.name for x in c.free_symbols} - params or c.atoms(sp.Function) \
-            or sp.simplify(expr - c * norm) != 0:
+            or _simplified(expr - c * norm) != 0:
         return None
     return norm.args[0], c
 
@@ -386,9 +398,9 @@ def _key_factor(analysis: Analysis, key: sp.Expr) -> tuple[sp.Expr, sp.Expr] | N
     if len(streamed) != 1:
         return None
     (u,) = streamed
-    factor = sp.simplify(key / u)
+    factor = _simplified(key / u)
     names = {x.name for x in factor.free_symbols}
-    if factor.has(u) or not names <= scalars or not names & scalar_inputs or sp.simplify(key - factor * u) != 0:
+    if factor.has(u) or not names <= scalars or not names & scalar_inputs or _simplified(key - factor * u) != 0:
         return None
     return u, factor
 

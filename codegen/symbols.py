@@ -119,10 +119,35 @@ def symbol(name: str) -> sp.Symbol:
     return sp.Symbol(name, real=True)
 
 
+# Powers of sums above this degree stay unexpanded in normal forms: (1 + q) ** 3 ** 3 ** 3
+# (degree 7.6e12) kept sympy's multinomial expansion busy for good, and degree 50 of a
+# four-term sum is already 23,426 terms. Such a power of a state is not linear in it either
+# way, and the analysis still sees the state inside it.
+EXPAND_MAX_DEGREE = 8
+
+
 def normalize(expr: sp.Expr) -> sp.Expr:
     """One canonical representative of an algebraic value: expand products over sums,
-    then merge exponentials (`exp(a) * exp(b)` -> `exp(a + b)`)."""
-    return sp.powsimp(sp.expand(expr), combine="exp")
+    then merge exponentials (`exp(a) * exp(b)` -> `exp(a + b)`). Powers of sums of a degree
+    over EXPAND_MAX_DEGREE are kept as they are."""
+    high = {p: sp.Dummy() for p in expr.atoms(sp.Pow)
+            if p.base.is_Add and p.exp.is_Integer and abs(p.exp) > EXPAND_MAX_DEGREE}
+    if not high:
+        return sp.powsimp(sp.expand(expr), combine="exp")
+    kept = sp.powsimp(sp.expand(expr.xreplace(high)), combine="exp")
+    return kept.xreplace({d: p for p, d in high.items()})
+
+
+def nesting(expr: sp.Expr) -> int:
+    """How deep function applications nest in `expr`: 0 for a polynomial, 2 for exp(exp(x))."""
+    deepest, stack = 0, [(expr, 0)]
+    while stack:
+        e, depth = stack.pop()
+        if isinstance(e, sp.Function):
+            depth += 1
+            deepest = max(deepest, depth)
+        stack.extend((a, depth) for a in e.args)
+    return deepest
 
 
 def take_log(expr: sp.Expr) -> sp.Expr:

@@ -34,6 +34,10 @@ _ELEMENTWISE_BINARY_OPS = ("+", "-", "*", "/")
 MAX_EXPRESSION_DEPTH = 64
 # Integer literals beyond int64 overflow torch's scalar arguments.
 _LARGEST_INTEGER = 2**63 - 1
+# Constant exponents beyond 2 ** 24: fp32 kernels hold no such integer exactly, so an odd
+# one could turn even (`f ** 3 ** 3 ** 3` gave sigmoid(-inf) in fp64 and sigmoid(+inf) in
+# fp32, where f < -1), and no recurrence raises to such a power.
+MAX_EXPONENT = 2**24
 _VALUE_KINDS_A_FEATURE_MAY_REBIND = ("input", "feature", "gate")
 
 
@@ -439,6 +443,11 @@ class _SpecChecker:
             left, right = self._fold_numbers(expr.left), self._fold_numbers(expr.right)
             if expr.op == "/" and right == 0.0 and left is None:
                 self.report(f"`{_excerpt(pretty_expr(expr))}` divides by zero", expr.span)
+                return None
+            if expr.op == "**" and left is None and right is not None and abs(right) > MAX_EXPONENT:
+                self.report(f"the exponent of `{_excerpt(pretty_expr(expr))}` is {right:.6g}; at most "
+                            f"2 ** 24 = {MAX_EXPONENT} in magnitude (fp32 kernels hold no larger integer exactly)",
+                            expr.right.span)
                 return None
             if left is None or right is None or expr.op == "@":
                 return None

@@ -344,6 +344,15 @@ def test_constant_without_a_finite_value(constant, phrase):
     assert_reports(error, 5, 19 + constant.startswith("("), phrase)
 
 
+@pytest.mark.parametrize("exponent", ["3 ** 3 ** 3", "1e38", "-(2 ** 25)"])
+def test_constant_exponent_beyond_fp32_integers(exponent):
+    # `f ** 3 ** 3 ** 3`: the exponent 7625597484987 turned even in fp32, so the kernels took
+    # sigmoid(+inf) where the fp64 reference took sigmoid(-inf) (the spec fuzzer, hgrn2: o off 0.82)
+    error = error_of(variant("q * scale", f"q * scale ** {exponent}"))
+    assert_reports(error, 5, 28, "at most 2 ** 24 = 16777216 in magnitude (fp32 kernels hold no larger integer exactly)",
+                   len(exponent))
+
+
 def test_division_by_a_constant_zero():
     error = error_of(variant("q * scale", "q / (2 - 2)"))
     assert_reports(error, 5, 15, "`q / (2 - 2)` divides by zero")
