@@ -299,6 +299,12 @@ class CompiledOp:
             return "triton" if _calls().on_gpu_path(bound.device) else "torch"
         if backend not in ("triton", "torch"):
             raise ValueError(f"backend must be 'triton' or 'torch', got {backend!r}")
+        if backend == "triton" and not _calls().on_gpu_path(bound.device):
+            # (Triton itself would fail deep inside the first launch: "0 active drivers")
+            raise ValueError(f"backend='triton' with tensors on {bound.device.type}: the Triton kernels run on "
+                             "a CUDA GPU, or on the CPU in Triton's interpreter, which needs ATTNC_INTERPRET=1 "
+                             "(or TRITON_INTERPRET=1) set before triton is imported; backend='torch' runs the "
+                             "same chunk algorithm in PyTorch")
         return backend
 
     def plan_source(self) -> str:

@@ -439,3 +439,22 @@ def test_a_growing_per_head_decay_is_refused():
     args["log_gamma"][1] = 0.1  # a weight, per head
     with pytest.raises(ValueError, match=r"log_gamma = 0\.1 at index \[0, 0, 1, 0\]"):
         op(**args, backend="torch")
+
+
+@pytest.mark.parametrize("backend", ["nope", "triton"])
+def test_a_backend_that_cannot_run_is_named(backend, monkeypatch):
+    # backend="triton" on CPU tensors without the interpreter failed inside Triton's first
+    # launch ("0 active drivers"); the call now says what it needs first
+    import attnc
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("ATTNC_INTERPRET", raising=False)
+    op = attnc.load("gated_deltanet")
+    q = torch.randn(1, 8, 1, 16)
+    s = torch.rand(1, 8, 1)
+    expected = "ATTNC_INTERPRET=1" if backend == "triton" else "backend must be 'triton' or 'torch'"
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        op(q=q, k=q, v=q, alpha=-s, beta=s, backend=backend)
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        op.step(q=q[:, :1], k=q[:, :1], v=q[:, :1], alpha=-s[:, :1], beta=s[:, :1],
+                state=torch.zeros(1, 1, 16, 16), backend=backend)
