@@ -17,6 +17,7 @@ import attnc
 from attnc.codegen.chunk_diag import LOG_GATE_FLOOR, floored
 from attnc.runtime.sampling import random_arguments
 from attnc.runtime.verify import verify
+from test_decay_checks import CHANNEL
 
 # a per-channel gate of two inputs, which no kernel maps: the prologue computes it, and the
 # derivative of its map in w is the log gate itself (-1e6 at a reset)
@@ -34,18 +35,7 @@ end
 """
 
 # a per-channel log gate passed as it is (no map) to the diagonal kernels
-CHANNEL_INPUT_GATE = """
-attention channel_input_gate
-  dims    K, V
-  inputs  q[K], k[K], v[V], g[K]
-
-  gate    a = exp(g)
-  state   S[K, V]
-  decay   S = diag(a) @ S
-  update  S = S + outer(k, v)
-  readout o = q @ S
-end
-"""
+CHANNEL_INPUT_GATE = CHANNEL
 
 RESET_TOKENS = (3, 40, 41, 63, 64, 70)   # chunks of 64 tokens: 63 and 64 straddle a boundary
 
